@@ -1,0 +1,32 @@
+# sc2quant: everything a developer or CI runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+
+.PHONY: install install-gpu test lint embedded-model calib-data bench clean
+
+install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
+	$(PY) -m venv $(VENV)
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e ".[cpu,dev]"
+
+install-gpu:  ## the same with the CUDA builds of ONNX Runtime
+	$(PY) -m venv $(VENV)
+	$(PIP) -q -e ".[gpu,dev]"
+
+test:  ## lint, then the whole test suite (slow tests included)
+	$(BIN)/ruff check sc2quant tests bench
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check sc2quant tests bench
+
+embedded-model:  ## retrain the embedded model (about 50 minutes on 2 cores)
+	$(BIN)/python -m sc2quant.embedded.train --force
+
+calib-data:  ## rebuild calib_data/ from the machine's permissively licensed sources
+	$(BIN)/python -m sc2quant.data --rebuild
+
+clean:
+	rm -rf .pytest_cache build dist *.egg-info

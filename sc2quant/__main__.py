@@ -1,0 +1,3 @@
+from sc2quant.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Shared terminal output: one rich console (stderr) and progress bars with ETA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+# Progress and messages go to stderr so that `--json` output on stdout stays parseable.
+console = Console(stderr=True)
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=os.environ.get("SC2QUANT_NO_PROGRESS") == "1",
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar (ETA included)."""
+    items = list(items) if total is None and not hasattr(items, "__len__") else items
+    with progress() as bar:
+        task = bar.add_task(description, total=total if total is not None else len(items))  # type: ignore[arg-type]
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def quiet_libraries() -> None:
+    """Silence import-time noise from optional libraries that a user cannot act on."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "accelerate", "optimum"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")

@@ -1,0 +1,72 @@
+"""`sc2quant inspect`: what the loader sees in a model directory or artifact, without loading it."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from sc2quant import artifact
+from sc2quant.loader import read_config, resolve_source, weight_files
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def count_parameters(files: list[Path], tied: bool) -> tuple[int, dict[str, int]]:
+    """Tensor elements stored in safetensors files, and stored elements per dtype."""
+    total, by_dtype = 0, {}
+    for f in files:
+        for name, info in safetensors_header(f).items():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + n
+    return total, by_dtype
+
+
+def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
+    source = resolve_source(model)
+    cfg = read_config(source.path)
+    files = weight_files(source.path)
+    params, by_dtype = count_parameters([f for f in files if f.suffix == ".safetensors"], cfg.get("tie_word_embeddings", False))
+    rope = cfg.get("rope_parameters") or {}
+    info: dict[str, Any] = {
+        "source": {"kind": source.kind, "id": source.id, "path": str(source.path)},
+        "architecture": (cfg.get("architectures") or ["Starcoder2ForCausalLM"])[0],
+        "model_type": cfg["model_type"],
+        "shape": {
+            "layers": cfg.get("num_hidden_layers"),
+            "heads": cfg.get("num_attention_heads"),
+            "kv_heads": cfg.get("num_key_value_heads"),
+            "hidden": cfg.get("hidden_size"),
+            "intermediate": cfg.get("intermediate_size"),
+            "vocab": cfg.get("vocab_size"),
+            "context": cfg.get("max_position_embeddings"),
+            "sliding_window": cfg.get("sliding_window"),
+            "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta")),
+        },
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        "parameters": params,
+        "stored_elements_by_dtype": by_dtype,
+        "quantization": cfg.get("quantization_config"),
+        "weight_files": [f.name for f in files],
+        "bytes_on_disk": artifact.dir_bytes(source.path),
+    }
+    if artifact.is_artifact(source.path):
+        m = artifact.read_manifest(source.path)
+        info["artifact"] = {"kind": m.kind, "method": m.method, "bits": m.bits, "group_size": m.group_size,
+                            "source": m.source.get("id"), "created": m.created, "metrics": m.metrics}
+    return info

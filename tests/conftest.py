@@ -1,0 +1,83 @@
+"""Shared, session-scoped model builds: every test file reuses the same few models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SC2QUANT_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE with StarCoder2's special tokens, trained on this repo's code."""
+    from sc2quant.embedded.train import train_tokenizer
+
+    texts = [p.read_text() for p in sorted((REPO / "sc2quant").rglob("*.py"))]
+    return train_tokenizer(texts, vocab_size)
+
+
+def make_random_model(
+    path: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    sliding_window: int | None = 16,
+    context: int = 256,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
+    """A randomly initialised StarCoder2 (bf16 safetensors + tokenizer) in `path`."""
+    import torch
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    tokenizer = tokenizer or make_tokenizer()
+    torch.manual_seed(seed)
+    config = Starcoder2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        sliding_window=sliding_window,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = Starcoder2ForCausalLM(config)
+    with torch.no_grad():  # default init is tiny; larger weights make quantization error visible
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """2 layers, hidden 64, 4 heads / 2 KV heads, window 16, context 256."""
+    return make_random_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from sc2quant.embedded import EMBEDDED_MODEL_DIR
+
+    if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+        pytest.fail("the embedded model is missing: run `make embedded-model`")
+    return EMBEDDED_MODEL_DIR
