@@ -161,7 +161,9 @@ def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Man
         if p.is_file() and p.name != MANIFEST_NAME
     }
     (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are ordinary directories
+    os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make files private; artifacts are ordinary files
+    for p in tmp.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if out.exists():
         if not force:
             raise UserError(f"output directory {out} appeared while writing: choose another --out or pass --force")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from rich.table import Table
 
-from sc2quant.console import console
+from sc2quant.console import console, quiet_libraries
 from sc2quant.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,6 +36,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
     _state["debug"] = debug
+    quiet_libraries()
 
 
 def user_errors(fn: F) -> F:
@@ -91,6 +92,125 @@ def inspect_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
         a = info["artifact"]
         table.add_row("artifact", f"{a['kind']} / {a['method']} (from {a['source']})")
     console.print(table)
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: ModelArg = None,
+    method: Annotated[Optional[str], typer.Option(help="gptq (default), bnb or rtn.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Weight bits: gptq/rtn 2|3|4|8, bnb 4|8. Default 4.")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="GPTQ/RTN group size (32, 64, 128, -1 = per row).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ activation order.")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="GPTQ/RTN symmetric grid.")] = None,
+    damp: Annotated[Optional[float], typer.Option(help="GPTQ Hessian dampening.")] = None,
+    calib: Annotated[Optional[list[str]], typer.Option(help="calib_data, text files, a directory or JSONL.")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(help="Calibration samples.")] = None,
+    calib_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per calibration sample.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed.")] = None,
+    quant_type: Annotated[Optional[str], typer.Option(help="bnb 4-bit type: nf4 or fp4.")] = None,
+    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help="bnb 4-bit compute dtype: bf16 or fp32.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default out/<model>-<method>-<bits>).")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output directory.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="YAML recipe (path or name in recipes/); flags override it.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize a StarCoder2 model: GPTQ int4 by default, or bitsandbytes / round-to-nearest.
+
+    Examples:
+
+        sc2quant quantize --bits 4                                  # GPTQ int4 g128 of the embedded model
+
+        sc2quant quantize ./starcoder2-3b --method bnb --bits 4 --quant-type nf4 --double-quant
+
+        sc2quant quantize --recipe recipes/bnb-int8.yaml --out out/int8
+    """
+    from sc2quant.quantize import QuantizeOptions, quantize
+    from sc2quant.recipes import merge
+
+    overrides = dict(model=model, method=method, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
+                     damp=damp, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+                     quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, device=device,
+                     out=str(out) if out else None, force=force)
+    path = quantize(merge(QuantizeOptions, recipe, overrides))
+    if as_json:
+        from sc2quant.artifact import read_manifest
+
+        print_json({"artifact": str(path), **read_manifest(path).__dict__})
+    else:
+        console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("footprint")
+@user_errors
+def footprint_cmd(
+    shape: Annotated[str, typer.Option(help="3b, 7b, 15b, or a config.json / model directory.")] = "7b",
+    context: Annotated[Optional[int], typer.Option(help="KV cache tokens per sequence (default: the shape's).")] = None,
+    batch: Annotated[int, typer.Option(help="Sequences in the KV cache.")] = 1,
+    legacy_card: Annotated[bool, typer.Option("--legacy-card", help="Also count as the model card did.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict the memory of every method (weights, true resident bytes, KV cache) without loading a model.
+
+    Examples:
+
+        sc2quant footprint                                  # StarCoder2-7B at its 16384-token context
+
+        sc2quant footprint --shape 15b --context 4096 --batch 8
+
+        sc2quant footprint --shape ./starcoder2-3b/config.json --json
+
+        sc2quant footprint --legacy-card                    # the 7B model card's figures, and why today's differ
+    """
+    from sc2quant.footprint import render, report
+
+    data = report(shape, context=context, batch=batch, legacy=legacy_card)
+    if as_json:
+        print_json(data)
+        return
+    for item in render(data):
+        console.print(item, highlight=False)
+
+
+export_app = typer.Typer(help="Export a model to another runtime's format.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+@user_errors
+def export_onnx_cmd(
+    model: ModelArg = None,
+    dtype: Annotated[str, typer.Option(help="Activations, KV cache and logits: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
+    weights: Annotated[str, typer.Option(help="fp (same as --dtype) or int4 (MatMulNBits).")] = "fp",
+    block_size: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 32,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4 grid, or with zero points.")] = True,
+    device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output directory (default out/<model>-onnx-<dtype|int4>)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export to ONNX Runtime: fused GroupQueryAttention with the sliding window, KV cache, fp32/fp16 or int4.
+
+    The output runs in onnxruntime and onnxruntime-genai. A GPTQ artifact keeps its int4 weights.
+
+    Examples:
+
+        sc2quant export onnx                                         # the embedded model, fp32 for the CPU
+
+        sc2quant export onnx ./starcoder2-3b --weights int4 --block-size 32
+
+        sc2quant export onnx out/embedded-gptq-int4-g128             # GPTQ weights carried into MatMulNBits
+    """
+    from sc2quant.artifact import read_manifest
+    from sc2quant.export_onnx import export_onnx
+
+    path = export_onnx(model, out, dtype=dtype, weights=weights, block_size=block_size, symmetric=symmetric,
+                       device=device, force=force)
+    if as_json:
+        print_json({"artifact": str(path), **read_manifest(path).__dict__})
 
 
 def main() -> None:

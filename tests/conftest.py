@@ -81,3 +81,66 @@ def embedded_model_dir() -> Path:
     if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
         pytest.fail("the embedded model is missing: run `make embedded-model`")
     return EMBEDDED_MODEL_DIR
+
+
+def quantize_to(out: Path, **options) -> Path:
+    from sc2quant.quantize import QuantizeOptions, quantize
+
+    return quantize(QuantizeOptions(out=str(out), **options))
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def bnb_artifacts(embedded_model_dir, artifacts_dir) -> dict[str, Path]:
+    """int8, nf4, nf4 + double quant and fp4 artifacts of the embedded model."""
+    return {
+        "int8": quantize_to(artifacts_dir / "bnb-int8", method="bnb", bits=8),
+        "nf4": quantize_to(artifacts_dir / "bnb-nf4", method="bnb", bits=4, quant_type="nf4"),
+        "nf4-dq": quantize_to(artifacts_dir / "bnb-nf4-dq", method="bnb", bits=4, quant_type="nf4", double_quant=True),
+        "fp4": quantize_to(artifacts_dir / "bnb-fp4", method="bnb", bits=4, quant_type="fp4"),
+    }
+
+
+# Small enough for CI, large enough for a well-conditioned Hessian (hidden 256).
+GPTQ_TEST_CALIB = dict(calib_samples=64, calib_seqlen=256)
+
+
+@pytest.fixture(scope="session")
+def gptq_artifact(embedded_model_dir, artifacts_dir) -> Path:
+    return quantize_to(artifacts_dir / "gptq-int4-g128", method="gptq", bits=4, group_size=128, **GPTQ_TEST_CALIB)
+
+
+@pytest.fixture(scope="session")
+def rtn_artifact(embedded_model_dir, artifacts_dir) -> Path:
+    return quantize_to(artifacts_dir / "rtn-int4-g128", method="rtn", bits=4, group_size=128)
+
+
+@pytest.fixture(scope="session")
+def eval_sets_small(embedded_model_dir):
+    """A few windows of every evaluation source of calib_data (the same for every test)."""
+    from sc2quant.data import eval_documents
+    from sc2quant.loader import load_tokenizer
+    from sc2quant.metrics import eval_sets
+
+    return eval_sets(load_tokenizer(embedded_model_dir), eval_documents(), seqlen=256, max_windows=4)
+
+
+@pytest.fixture(scope="session")
+def baseline_logits_fn(embedded_model_dir):
+    """bf16 embedded model logits, memoised per window batch."""
+    from sc2quant.runtime import load
+
+    model = load(embedded_model_dir)
+    memo: dict[bytes, object] = {}
+
+    def fn(ids):
+        key = ids.numpy().tobytes()
+        if key not in memo:
+            memo[key] = model.logits(ids)
+        return memo[key]
+
+    return fn
