@@ -205,7 +205,8 @@ def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
         if not file.is_file():
             raise IntegrityError(f"{path} is incomplete: {name} is missing; recreate the artifact")
         if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise IntegrityError(f"{name} in {path} does not match its checksum (modified or truncated): recreate the artifact, or load with verify=False")
+            raise IntegrityError(f"{name} in {path} does not match its checksum (modified or truncated): "
+                                 "recreate the artifact, or load with verify=False")
     for file in path.rglob("*"):
         rel = file.relative_to(path).as_posix()
         if file.is_file() and file.suffix in WEIGHT_SUFFIXES and rel not in manifest.files:

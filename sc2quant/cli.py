@@ -109,7 +109,7 @@ def quantize_cmd(
     calib_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per calibration sample.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed.")] = None,
     quant_type: Annotated[Optional[str], typer.Option(help="bnb 4-bit type: nf4 or fp4.")] = None,
-    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")] = None,
+    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="bnb double quant.")] = None,
     compute_dtype: Annotated[Optional[str], typer.Option(help="bnb 4-bit compute dtype: bf16 or fp32.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default out/<model>-<method>-<bits>).")] = None,
@@ -211,6 +211,132 @@ def export_onnx_cmd(
                        device=device, force=force)
     if as_json:
         print_json({"artifact": str(path), **read_manifest(path).__dict__})
+
+
+def _text_or_file(value: str) -> str:
+    """Options that take code accept either the text itself or a path to a file holding it."""
+    path = Path(value)
+    try:
+        if len(value) < 4096 and path.is_file():
+            return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text: convert it first") from exc
+    return value
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    model: ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text to complete (or a file holding it).")] = None,
+    fim_prefix: Annotated[Optional[str], typer.Option(help="Fill-in-the-middle: code before the gap (text or file).")] = None,
+    fim_suffix: Annotated[Optional[str], typer.Option(help="Fill-in-the-middle: code after the gap (text or file).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check artifact checksums first.")] = True,
+) -> None:
+    """Generate code with any artifact (or the embedded model): completion or fill-in-the-middle.
+
+    Examples:
+
+        sc2quant run --prompt "def fibonacci(n):"
+
+        sc2quant run out/embedded-gptq-int4-g128 --prompt prompt.py --max-new-tokens 128 --stream
+
+        sc2quant run out/model-onnx-int4 --fim-prefix "def add(a, b):\n    " --fim-suffix "\n    return c\n"
+    """
+    from sc2quant.runtime import load
+
+    if prompt is None and (fim_prefix is None or fim_suffix is None):
+        raise UserError("give --prompt, or both --fim-prefix and --fim-suffix")
+    m = load(model, device=device, verify=verify)
+    args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if prompt is None:
+        sys.stdout.write(m.infill(_text_or_file(fim_prefix or ""), _text_or_file(fim_suffix or ""), **args) + "\n")
+        return
+    text = _text_or_file(prompt)
+    if stream:
+        for piece in m.stream(text, stop=stop or (), **args):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text + m.generate(text, stop=stop or (), **args) + "\n")
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Address to bind (localhost by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 1,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429.")] = 16,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check artifact checksums first.")] = True,
+) -> None:
+    """Serve an artifact over the OpenAI completions API (POST /v1/completions, GET /v1/models, /health).
+
+    Examples:
+
+        sc2quant serve out/embedded-gptq-int4-g128 --port 8000
+
+        curl -s localhost:8000/v1/completions -d '{"prompt": "def add(a, b):", "max_tokens": 32}'
+    """
+    from sc2quant.server import serve
+
+    if concurrency < 1 or max_queue < 0:
+        raise UserError("--concurrency must be at least 1 and --max-queue at least 0")
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} is out of range: use 1-65535")
+    serve(model, host=host, port=port, device=device, concurrency=concurrency, max_queue=max_queue, verify=verify)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    artifacts: Annotated[list[str], typer.Argument(help="Artifacts (or model directories) to measure.")],
+    baseline: Annotated[Optional[str], typer.Option(help="Baseline model (default: the embedded model).")] = None,
+    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="calib_data (default) or your files.")] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
+    stride: Annotated[Optional[int], typer.Option(help="Window stride (default: seqlen, no overlap).")] = None,
+    max_windows: Annotated[int, typer.Option(help="Windows per evaluation source.")] = 8,
+    humaneval: Annotated[bool, typer.Option("--humaneval", help="Also run HumanEval pass@1 (sandboxed).")] = False,
+    humaneval_limit: Annotated[Optional[int], typer.Option(help="Only the first N HumanEval problems.")] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed and peak RSS.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option(help="Write report.md, report.json and tradeoff.png here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy drift (perplexity, KL, top-1), footprint and speed of artifacts against the baseline.
+
+    Examples:
+
+        sc2quant report out/embedded-bnb-int8 out/embedded-gptq-int4-g128 --out reports/today
+
+        sc2quant report out/model-onnx-int4 --baseline ./starcoder2-3b --eval my_code/ --json
+    """
+    from sc2quant.report import render_markdown, report
+
+    if seqlen < 8 or max_windows < 1 or (stride is not None and stride < 1):
+        raise UserError("--seqlen must be at least 8, --max-windows and --stride at least 1")
+    result = report(artifacts, baseline=baseline, eval_paths=eval, seqlen=seqlen, stride=stride,
+                    max_windows=max_windows, humaneval=humaneval, humaneval_limit=humaneval_limit, device=device,
+                    speed=speed, out=out, force=force)
+    if as_json:
+        print_json(result)
+        return
+    from rich.markdown import Markdown
+
+    console.print(Markdown(render_markdown(result)))
+    if out:
+        console.print(f"[green]wrote[/] {out}/report.md, report.json, tradeoff.png")
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def _read_jsonl(path: Path) -> list[Document]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {n} is not JSON ({exc.msg}): JSONL files need one object with a 'text' field per line") from exc
+            raise UserError(f"{path} line {n} is not JSON ({exc.msg}): "
+                            "JSONL files need one object with a 'text' field per line") from exc
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UserError(f"{path} line {n} has no string 'text' field: JSONL rows must look like {{\"text\": \"...\"}}")
         docs.append(Document(row.get("language") or path.stem, row["text"]))

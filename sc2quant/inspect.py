@@ -27,7 +27,7 @@ def count_parameters(files: list[Path], tied: bool) -> tuple[int, dict[str, int]
     """Tensor elements stored in safetensors files, and stored elements per dtype."""
     total, by_dtype = 0, {}
     for f in files:
-        for name, info in safetensors_header(f).items():
+        for info in safetensors_header(f).values():
             n = 1
             for d in info["shape"]:
                 n *= d

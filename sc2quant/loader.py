@@ -77,7 +77,8 @@ def resolve_source(model: str | os.PathLike | None) -> ModelSource:
         return ModelSource("local", str(path.resolve()), path.resolve())
     if HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")):
         return ModelSource("hub", str(model), _download(str(model)))
-    raise UserError(f"model '{model}' not found: pass an existing directory, a hub id (org/name), or nothing for the embedded model")
+    raise UserError(f"model '{model}' not found: pass an existing directory, a hub id (org/name), "
+                    "or nothing for the embedded model")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -105,7 +106,8 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
-        raise UserError(f"cannot download '{repo_id}' from the hub ({type(exc).__name__}): check the id and your access token") from exc
+        raise UserError(f"cannot download '{repo_id}' from the hub ({type(exc).__name__}): "
+                        "check the id and your access token") from exc
 
 
 def read_config(path: Path) -> dict:
@@ -211,4 +213,5 @@ def _check_loading_info(info: dict, source: ModelSource) -> None:
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
         bad = (missing or [m[0] if isinstance(m, tuple) else m for m in mismatched])[:3]
-        raise UserError(f"weights of {source.id} do not match its config (missing or mis-shaped: {', '.join(map(str, bad))}): the checkpoint is incomplete")
+        raise UserError(f"weights of {source.id} do not match its config (missing or mis-shaped: "
+                        f"{', '.join(map(str, bad))}): the checkpoint is incomplete")

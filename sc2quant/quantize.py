@@ -54,7 +54,8 @@ def quantize(opts: QuantizeOptions) -> Path:
     config = read_config(source.path)
     weight_files(source.path)
     if config.get("quantization_config"):
-        raise UserError(f"{source.id} is already quantized ({config['quantization_config'].get('quant_method')}): quantize the bf16 model")
+        raise UserError(f"{source.id} is already quantized ({config['quantization_config'].get('quant_method')}): "
+                        "quantize the bf16 model")
     device = resolve_device(opts.device)
     out = Path(opts.out) if opts.out else default_out(opts, source.path.name if source.kind != "embedded" else "embedded")
     samples, calib_desc = _prepare(opts, source.path, config)

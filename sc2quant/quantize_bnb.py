@@ -24,7 +24,8 @@ def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: st
     from transformers import BitsAndBytesConfig
 
     if bits not in BNB_BITS:
-        raise UserError(f"bitsandbytes quantizes to 8 or 4 bits, not {bits}: use --bits 8 or --bits 4 (or --method gptq for other widths)")
+        raise UserError(f"bitsandbytes quantizes to 8 or 4 bits, not {bits}: "
+                        "use --bits 8 or --bits 4 (or --method gptq for other widths)")
     if quant_type not in QUANT_TYPES:
         raise UserError(f"unknown 4-bit quant type '{quant_type}': choose nf4 or fp4")
     if compute_dtype not in COMPUTE_DTYPES:

@@ -69,7 +69,8 @@ def load_recipe(name: str | Path, options_type: type) -> dict[str, Any]:
         if name_ not in fields:
             raise UserError(f"recipe {path.name}: unknown key '{key}'; allowed keys: {', '.join(sorted(fields))}")
         if not _accepts(hints[name_], value):
-            raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {value!r}, expected {_type_name(hints[name_])}")
+            raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {value!r}, "
+                            f"expected {_type_name(hints[name_])}")
         out[name_] = value
     return out
 

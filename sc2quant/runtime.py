@@ -105,12 +105,22 @@ class Model:
         prompt = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         sampling = Sampling(max_new_tokens, temperature, top_p, (), seed)
-        text = ""
-        for _, text in self._run([ids], sampling):
-            pass
-        return text
+        return next(text for _, text in reversed(list(self._run([ids], sampling))))
 
-    def _run(self, prompts: list[list[int]], s: Sampling, partial: bool = False) -> Iterator[tuple[int, str]]:
+    def complete(self, prompts: list[str], sampling: Sampling, suffix: str | None = None) -> list[dict[str, Any]]:
+        """Completions with OpenAI-style bookkeeping (finish reason, token counts), for the server."""
+        if suffix is not None:
+            prompts = [f"{FIM_PREFIX}{p}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}" for p in prompts]
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        info: dict[str, Any] = {}
+        texts = [""] * len(ids)
+        for row, text in self._run(ids, sampling, info=info):
+            texts[row] = text
+        return [{"text": t, "finish_reason": info["finish"][i], "prompt_tokens": len(ids[i]),
+                 "completion_tokens": info["generated"][i]} for i, t in enumerate(texts)]
+
+    def _run(self, prompts: list[list[int]], s: Sampling, partial: bool = False,
+             info: dict[str, Any] | None = None) -> Iterator[tuple[int, str]]:
         """The decoding loop shared by every entry point. Yields (row, text so far)."""
         s.validate()
         longest = max(len(p) for p in prompts)
@@ -137,6 +147,9 @@ class Model:
             if all(done):
                 break
             logits = self.engine.step(state, tokens)
+        if info is not None:
+            info["finish"] = ["stop" if d else "length" for d in done]
+            info["generated"] = [len(o) for o in out]
         for row in range(len(prompts)):
             yield row, self._text(out[row], s.stop)[0]
 

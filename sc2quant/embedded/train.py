@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from sc2quant.corpus import iter_files
 from sc2quant.embedded import EMBEDDED_MODEL_DIR
-from sc2quant.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, SPECIAL_TOKENS, EOS
+from sc2quant.tokens import EOS, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, SPECIAL_TOKENS
 
 MODEL_SHAPE = dict(
     hidden_size=256,

@@ -3,6 +3,7 @@ bitsandbytes (int8, nf4/fp4) and GPTQ (GPTQModel kernels, torch's int4 CPU kerne
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,19 @@ from sc2quant.errors import UserError
 from sc2quant.loader import load_tokenizer, read_config, resolve_device, torch_dtype, weight_files
 
 
+def compute_dtype(device: str) -> str:
+    """bf16 where the hardware computes it natively, else fp32.
+
+    CPUs without AVX512-BF16/AMX emulate bf16 matmuls about 100x slower than fp32 for
+    decoding; bf16 weights are exact in fp32, so widening loses nothing.
+    """
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 class TorchEngine:
-    def __init__(self, path: Path, device: str = "cpu", dtype: str = "bf16", kind: str = "hf") -> None:
+    def __init__(self, path: Path, device: str = "cpu", dtype: str = "auto", kind: str = "hf") -> None:
         from transformers import AutoModelForCausalLM
 
         from sc2quant.console import console, quiet_libraries
@@ -26,15 +38,17 @@ class TorchEngine:
         self.tokenizer = load_tokenizer(path)
         quant = (self.config.get("quantization_config") or {}).get("quant_method")
         with console.status(f"loading {path.name} ({quant or dtype}) on {self.device}"):
-            if quant == "gptq":
+            if quant:
+                # quantized checkpoints load exactly as plain transformers loads them (same logits)
                 from sc2quant.quantize_gptq import contained_gptqmodel_import
 
-                with contained_gptqmodel_import():
+                with contained_gptqmodel_import() if quant == "gptq" else contextlib.nullcontext():
                     self.model = AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device,
                                                                       trust_remote_code=False)
             else:
+                self.dtype = compute_dtype(self.device) if dtype == "auto" else dtype
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    str(path), dtype=torch_dtype(dtype), device_map=self.device, trust_remote_code=False)
+                    str(path), dtype=torch_dtype(self.dtype), device_map=self.device, trust_remote_code=False)
         if quant == "bitsandbytes":
             from sc2quant.quantize_bnb import guard_cpu_repack
 
