@@ -140,6 +140,60 @@ def perplexity(model, data: torch.Tensor, batch: int = 8) -> float:
     return math.exp(total / count)
 
 
+MODEL_CARD = """# sc2quant embedded StarCoder2 (stand-in)
+
+**What it is:** a small `Starcoder2ForCausalLM` trained from scratch by `make embedded-model`
+(`sc2quant/embedded/train.py`) so that every sc2quant command works offline and accuracy
+drift can be measured on a really trained model. It has the real family's features: grouped
+KV heads, rotary embeddings, LayerNorm with bias, biased linears, `gelu_pytorch_tanh` MLP,
+tied embeddings, and a sliding window smaller than the context.
+
+**What it is not:** a useful code assistant. It writes code-looking text, not correct programs.
+
+| | |
+|---|---|
+| shape | {num_hidden_layers} layers, hidden {hidden_size}, {num_attention_heads} heads / {num_key_value_heads} KV heads, \
+intermediate {intermediate_size} |
+| context / sliding window | {max_position_embeddings} / {sliding_window} |
+| vocabulary | {vocab_size} byte-level BPE (digits split), StarCoder2's 38 special tokens |
+| parameters | {parameters:,} (bf16 safetensors, {megabytes:.1f} MB) |
+| data | {train_files} files: CPython stdlib + C headers (PSF), PyTorch c10/ATen headers (BSD-3), \
+npm JavaScript (Artistic-2.0/ISC/MIT), Tcl/Tk libraries (TCL) |
+| FIM | PSM format at rate {fim_rate} on chunks of about {chunk_chars} characters |
+| training | {steps} steps x {batch} x {seq_len} = {training_tokens:,} tokens ({epochs:.2f} epochs), \
+AdamW lr {lr} cosine, seed {seed}, fp32 |
+| time | {minutes_total:.0f} minutes on 2 CPU cores ({minutes_training:.0f} training) |
+| held-out perplexity | **{heldout_perplexity:.1f}** ({bits_per_token:.2f} bits/token) \
+vs {heldout_perplexity_untrained:.0f} untrained |
+
+Held-out text: the `eval` split of the content-hash split in `sc2quant/corpus.py` (never
+trained on; `training.json` lists the sha256 of every training file). Licence of the
+weights: the training code's licences apply to the data; the weights are offered for testing.
+"""
+
+
+def write_model_card(out: Path) -> None:
+    """README.md of the model folder, filled from training.json (rerunnable on its own)."""
+    record = json.loads((out / "training.json").read_text())
+    hp = record["hyperparameters"]
+    params = sum(v.numel() for v in _load_state(out).values())
+    text = MODEL_CARD.format(
+        **{**hp, "vocab_size": json.loads((out / "config.json").read_text())["vocab_size"]}, parameters=params, megabytes=(out / "model.safetensors").stat().st_size / 1e6,
+        train_files=len(record["train_files"]), training_tokens=record["training_tokens"],
+        epochs=record["training_tokens"] / record["corpus_tokens"], minutes_total=record["minutes_total"],
+        minutes_training=record["minutes_training"], heldout_perplexity=record["heldout_perplexity"],
+        bits_per_token=math.log2(record["heldout_perplexity"]),
+        heldout_perplexity_untrained=record["heldout_perplexity_untrained"],
+    )
+    (out / "README.md").write_text(text)
+
+
+def _load_state(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=EMBEDDED_MODEL_DIR)
@@ -152,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-train-chars", type=int, default=0, help="cap the corpus (CI smoke runs)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     args = ap.parse_args(argv)
+    if args.card_only:
+        write_model_card(args.out)
+        return
     if args.out.exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to replace it")
 
@@ -234,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     tmp.rename(args.out)
+    write_model_card(args.out)
     print(f"wrote {args.out}")
 
 
