@@ -217,10 +217,12 @@ def _text_or_file(value: str) -> str:
     """Options that take code accept either the text itself or a path to a file holding it."""
     path = Path(value)
     try:
-        if len(value) < 4096 and path.is_file():
+        if len(value) < 4096 and "\n" not in value and path.is_file():
             return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text: convert it first") from exc
+    except OSError:  # not a usable path (too long, ...): it is the text itself
+        pass
     return value
 
 
@@ -252,8 +254,11 @@ def run_cmd(
     """
     from sc2quant.runtime import load
 
+    from sc2quant.runtime import Sampling
+
     if prompt is None and (fim_prefix is None or fim_suffix is None):
         raise UserError("give --prompt, or both --fim-prefix and --fim-suffix")
+    Sampling(max_new_tokens, temperature, top_p).validate()  # fail before loading a model
     m = load(model, device=device, verify=verify)
     args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if prompt is None:

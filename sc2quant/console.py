@@ -55,3 +55,12 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+    try:  # our own status line replaces transformers' per-tensor bars; its warnings are ours to phrase
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,101 @@
+"""Bad input across the CLI: one clear line, exit status 2, no traceback, nothing written.
+
+(The Python API raises `UserError` for the same cases; the server's 4xx cases are in
+tests/test_server.py; simulated read-only and full-disk locations in tests/test_artifact.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sc2quant.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    out = {}
+    for name in ("llama", "truncated", "garbage", "pickle"):
+        out[name] = root / name
+        shutil.copytree(tiny_model_dir, out[name])
+    cfg = json.loads((out["llama"] / "config.json").read_text())
+    (out["llama"] / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    w = out["truncated"] / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1000])
+    (out["garbage"] / "model.safetensors").write_bytes(b"\x13\x00" * 50)
+    (out["pickle"] / "model.safetensors").unlink()
+    (out["pickle"] / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (root / "afile").write_text("x")
+    (root / "empty.txt").write_text("")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "latin1.py").write_bytes("café = 1\n".encode("latin-1") * 100)
+    (root / "recipe-unknown.yaml").write_text("method: bnb\nbitz: 8\n")
+    (root / "recipe-type.yaml").write_text("method: bnb\nbits: eight\n")
+    out["root"] = root
+    return out
+
+
+def _cases(m: dict[str, Path], tiny: Path) -> list[tuple[str, list[str], str]]:
+    r, t = m["root"], str(tiny)
+    q = ["quantize"]
+    return [
+        ("missing model path", ["inspect", str(r / "nope")], "not found"),
+        ("model path is a file", ["inspect", str(r / "afile")], "is a file"),
+        ("not StarCoder2", q + [str(m["llama"]), "--method", "bnb"], "not StarCoder2"),
+        ("truncated safetensors", ["inspect", str(m["truncated"])], "weight file model.safetensors"),
+        ("corrupt safetensors", ["inspect", str(m["garbage"])], "corrupt"),
+        ("pickle checkpoint", q + [str(m["pickle"]), "--method", "bnb"], "pickle"),
+        ("unknown method", q + [t, "--method", "awq"], "unknown method"),
+        ("bnb bits", q + [t, "--method", "bnb", "--bits", "3"], "8 or 4 bits"),
+        ("gptq bits", q + [t, "--bits", "5"], "GPTQ supports"),
+        ("group size", q + [t, "--group-size", "48"], "does not divide"),
+        ("quant type", q + [t, "--method", "bnb", "--quant-type", "nf5"], "quant type"),
+        ("compute dtype", q + [t, "--method", "bnb", "--compute-dtype", "int2"], "compute dtype"),
+        ("unknown device", q + [t, "--method", "bnb", "--device", "tpu"], "unknown device"),
+        ("recipe unknown key", q + [t, "--recipe", str(r / "recipe-unknown.yaml")], "unknown key 'bitz'"),
+        ("recipe wrong type", q + [t, "--recipe", str(r / "recipe-type.yaml")], "'bits' has a str"),
+        ("recipe missing", q + [t, "--recipe", "no-such-recipe"], "not found"),
+        ("empty calibration", q + [t, "--group-size", "32", "--calib-seqlen", "64", "--calib", str(r / "empty.txt")],
+         "has 0 tokens"),
+        ("binary calibration", q + [t, "--group-size", "32", "--calib-seqlen", "64", "--calib", str(r / "binary.bin")],
+         "binary file"),
+        ("non-UTF-8 calibration", q + [t, "--group-size", "32", "--calib-seqlen", "64", "--calib", str(r / "latin1.py")],
+         "not UTF-8"),
+        ("calibration longer than context", q + [t, "--group-size", "32", "--calib-seqlen", "100000"], "context"),
+        ("output path is a file", q + [t, "--method", "bnb", "--bits", "8", "--out", str(r / "afile")], "is a file"),
+        ("existing output", q + [t, "--method", "bnb", "--bits", "8", "--out", str(r)], "--force"),
+        ("prompt longer than context", ["run", t, "--prompt", "x = 1\n" * 400], "context"),
+        ("negative max_new_tokens", ["run", t, "--prompt", "def", "--max-new-tokens", "-5"], "max_new_tokens"),
+        ("absurd max_new_tokens", ["run", t, "--prompt", "def", "--max-new-tokens", "100000000"], "max_new_tokens"),
+        ("run without prompt", ["run", t], "--prompt"),
+        ("bad temperature", ["run", t, "--prompt", "def", "--temperature", "-1"], "temperature"),
+        ("report bad eval file", ["report", t, "--baseline", t, "--eval", str(r / "binary.bin"), "--no-speed"],
+         "binary file"),
+        ("serve bad port", ["serve", t, "--port", "70000"], "out of range"),
+    ]
+
+
+def test_at_least_25_cases(bad_models, tiny_model_dir):
+    assert len(_cases(bad_models, tiny_model_dir)) >= 25
+
+
+@pytest.mark.slow
+def test_every_case_is_one_clear_line_exit_2_nothing_written(bad_models, tiny_model_dir):
+    failures = []
+    for name, args, message in _cases(bad_models, tiny_model_dir):
+        before = sorted(p.name for p in bad_models["root"].iterdir())
+        result = runner.invoke(app, args)
+        lines = result.output.strip().splitlines()
+        after = sorted(p.name for p in bad_models["root"].iterdir())
+        ok = (result.exit_code == 2 and message in result.output and len(lines) == 1
+              and lines[0].startswith("error:") and "Traceback" not in result.output and before == after)
+        if not ok:
+            failures.append(f"{name}: exit {result.exit_code}, {result.output.strip()[:300]!r}")
+    assert not failures, "\n".join(failures)
