@@ -114,6 +114,7 @@ def quantize_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default out/<model>-<method>-<bits>).")] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output directory.")] = None,
+    allow_pickle: Annotated[Optional[bool], typer.Option("--allow-pickle", help="Accept *.bin (pickle) weights.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe (path or name in recipes/); flags override it.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -133,7 +134,7 @@ def quantize_cmd(
     overrides = dict(model=model, method=method, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
                      damp=damp, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                      quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, device=device,
-                     out=str(out) if out else None, force=force)
+                     out=str(out) if out else None, force=force, allow_pickle=allow_pickle)
     path = quantize(merge(QuantizeOptions, recipe, overrides))
     if as_json:
         from sc2quant.artifact import read_manifest
@@ -252,9 +253,7 @@ def run_cmd(
 
         sc2quant run out/model-onnx-int4 --fim-prefix "def add(a, b):\n    " --fim-suffix "\n    return c\n"
     """
-    from sc2quant.runtime import load
-
-    from sc2quant.runtime import Sampling
+    from sc2quant.runtime import Sampling, load
 
     if prompt is None and (fim_prefix is None or fim_suffix is None):
         raise UserError("give --prompt, or both --fim-prefix and --fim-suffix")

@@ -187,7 +187,7 @@ def load_model(
     quiet_libraries()
     source = resolve_source(model)
     read_config(source.path)
-    files = weight_files(source.path, allow_pickle)
+    files = weight_files(source.path, allow_pickle)  # refuses pickle unless allow_pickle
     dev = resolve_device(device)
     tdtype = torch_dtype(dtype)
     tokenizer = load_tokenizer(source.path)

@@ -34,6 +34,7 @@ class QuantizeOptions:
     double_quant: bool = False  # bnb 4-bit
     compute_dtype: str = "bf16"  # bnb 4-bit
     device: str = "cpu"
+    allow_pickle: bool = False  # *.bin checkpoints can run code when unpickled: explicit opt-in
     force: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -52,7 +53,7 @@ def quantize(opts: QuantizeOptions) -> Path:
         raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
     source = resolve_source(opts.model)
     config = read_config(source.path)
-    weight_files(source.path)
+    weight_files(source.path, opts.allow_pickle)
     if config.get("quantization_config"):
         raise UserError(f"{source.id} is already quantized ({config['quantization_config'].get('quant_method')}): "
                         "quantize the bf16 model")
@@ -113,7 +114,7 @@ def _run(opts: QuantizeOptions, path: Path, tmp: Path, samples: list[list[int]],
     from sc2quant.loader import load_model
     from sc2quant.quantize_rtn import quantize_rtn_model
 
-    loaded = load_model(path, dtype="bf16", device=device)
+    loaded = load_model(path, dtype="bf16", device=device, allow_pickle=opts.allow_pickle)
     return quantize_rtn_model(loaded.model, tmp, opts.bits, opts.group_size, opts.sym)
 
 

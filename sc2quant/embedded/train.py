@@ -178,7 +178,8 @@ def write_model_card(out: Path) -> None:
     hp = record["hyperparameters"]
     params = sum(v.numel() for v in _load_state(out).values())
     text = MODEL_CARD.format(
-        **{**hp, "vocab_size": json.loads((out / "config.json").read_text())["vocab_size"]}, parameters=params, megabytes=(out / "model.safetensors").stat().st_size / 1e6,
+        **{**hp, "vocab_size": json.loads((out / "config.json").read_text())["vocab_size"]},
+        parameters=params, megabytes=(out / "model.safetensors").stat().st_size / 1e6,
         train_files=len(record["train_files"]), training_tokens=record["training_tokens"],
         epochs=record["training_tokens"] / record["corpus_tokens"], minutes_total=record["minutes_total"],
         minutes_training=record["minutes_training"], heldout_perplexity=record["heldout_perplexity"],
