@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_model
 
 from sc2quant import artifact
 from sc2quant.errors import UserError
 from sc2quant.export_onnx import export_onnx
+from tests.conftest import make_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_TOL = 1e-4
