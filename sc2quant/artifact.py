@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Manifest:
     """Checksum every file in `tmp`, write the manifest, then rename `tmp` to `out`."""
     (tmp / ".pid").unlink(missing_ok=True)
-    manifest.created = manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
     manifest.tools = manifest.tools or tool_versions()
     manifest.files = {
         p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}

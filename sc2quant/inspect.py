@@ -39,7 +39,10 @@ def count_parameters(files: list[Path], tied: bool) -> tuple[int, dict[str, int]
 def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
     source = resolve_source(model)
     cfg = read_config(source.path)
-    files = weight_files(source.path)
+    if artifact.is_artifact(source.path) and artifact.read_manifest(source.path).kind == "onnx":
+        files = sorted(p for p in source.path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
+    else:
+        files = weight_files(source.path)
     params, by_dtype = count_parameters([f for f in files if f.suffix == ".safetensors"], cfg.get("tie_word_embeddings", False))
     rope = cfg.get("rope_parameters") or {}
     info: dict[str, Any] = {

@@ -113,3 +113,18 @@ def describe(model: Any) -> dict[str, Any]:
         "total_weight_bytes": qbytes + kept_bytes,
         "transformers_memory_footprint": model.get_memory_footprint(),
     }
+
+
+def save_bnb(model: Any, out: Path) -> None:
+    """Re-save a loaded bitsandbytes model (transformers 5.24's save_pretrained raises
+    NotImplementedError for a pre-quantized bnb model it loaded). The state dict already holds
+    the packed weights and SCB/absmax/quant_state exactly as stored, so we write it as is."""
+    from safetensors.torch import save_file
+
+    assert_savable(model)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the embedding is the one copy
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(str(out / "config.json"))

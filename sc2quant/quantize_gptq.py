@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import resource
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,10 @@ def quantize_gptq_model(source_path: Path, tmp: Path, samples: list[list[int]], 
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, damp_percent=damp)
         model = GPTQModel.load(str(source_path), qcfg, device=device, trust_remote_code=False)
         calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in samples]
-        log = model.quantize(calib, batch_size=8)
-        model.save(str(tmp))
+        # GPTQModel writes logs/ into the working directory: keep it out of the user's folder
+        with tempfile.TemporaryDirectory(prefix="sc2quant-gptq-") as scratch, contextlib.chdir(scratch):
+            log = model.quantize(calib, batch_size=8)
+            model.save(str(tmp.resolve()))
     layer_errors = _layer_errors(log)
     _drop_unused_files(tmp)
     config = json.loads((tmp / "config.json").read_text())

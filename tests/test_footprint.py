@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make_random_model
 
 from sc2quant import footprint as fp
 from sc2quant.errors import UserError
+from tests.conftest import make_random_model
 
 # hidden 192 / 6 heads: q_proj has 576 absmax blocks, so nested double-quant blocks do not divide evenly
 SMALL = {"hidden": 192, "layers": 2, "heads": 6, "kv_heads": 2, "intermediate": 768, "sliding_window": 16}

@@ -34,8 +34,14 @@ def test_loads_the_same_through_sc2quant_and_plain_transformers(bnb_artifacts, n
     with torch.no_grad():
         theirs = plain(ids).logits.float()
     assert torch.equal(mine, theirs)
-    # second round trip: save what transformers loaded, load again, identical bytes and logits
-    plain.save_pretrained(tmp_path / "again")
+    # second round trip: save what was loaded, load again: identical tensors and logits
+    from safetensors.torch import load_file
+
+    from sc2quant.quantize_bnb import save_bnb
+
+    save_bnb(plain, tmp_path / "again")
+    first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), device_map="cpu")
     with torch.no_grad():
         assert torch.equal(again(ids).logits.float(), mine)
@@ -71,15 +77,14 @@ def test_run_then_save_cannot_corrupt(bnb_artifacts, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from sc2quant.quantize_bnb import assert_savable
+    from sc2quant.quantize_bnb import save_bnb
 
     model = load(bnb_artifacts["nf4"])
     ids = _probe_ids(model)
     before = model.logits(ids)
     assert all(not m.support_avx512bf16_for_cpu for m in model.engine.model.modules()
                if isinstance(m, bnb.nn.Linear4bit))
-    assert_savable(model.engine.model)
-    model.engine.model.save_pretrained(tmp_path / "after-run")
+    save_bnb(model.engine.model, tmp_path / "after-run")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "after-run"), device_map="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits.float(), before)
