@@ -50,8 +50,8 @@ def _assert_no_complete_looking_output(out: Path) -> None:
         artifact.verify(out)
 
 
-def _leftovers(folder: Path) -> list[Path]:
-    return list(folder.glob(artifact.TMP_PREFIX + "*"))
+def _leftovers(folder: Path, name: str = "") -> list[Path]:
+    return list(folder.glob(artifact.TMP_PREFIX + name + "*"))
 
 
 @pytest.mark.parametrize("verb", list(COMMANDS))
@@ -69,7 +69,7 @@ def test_random_interrupts(verb, tmp_path, embedded_model_dir):
         proc.communicate(timeout=120)
         _assert_no_complete_looking_output(out)
         if sig == signal.SIGINT and proc.returncode != 0:
-            assert not _leftovers(tmp_path), f"SIGINT left a temporary directory (trial {trial})"
+            assert not _leftovers(tmp_path, out.name + "-"), f"SIGINT left a temporary directory (trial {trial})"
     # a rerun after all that cleans whatever SIGKILL left and succeeds
     final = _start(verb, tmp_path / "final")
     _, err = final.communicate(timeout=600)
