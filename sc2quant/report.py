@@ -58,15 +58,18 @@ def measure(path: str | None, device: str = "cpu", prefill: int = PREFILL_TOKENS
         "decode_tokens_per_s": decode / decode_s,
         "prefill_tokens": n,
         "decode_tokens": decode,
-        "weight_bytes_in_memory": weight_bytes(model.engine),
+        "weight_bytes_in_memory": weight_bytes(model.engine, model.path),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
-def weight_bytes(engine: Any) -> int:
-    """Bytes of every tensor the model holds (quantization state included), shared storage once."""
-    if hasattr(engine, "weight_bytes"):
-        return int(engine.weight_bytes())
+def weight_bytes(engine: Any, path: Path) -> int:
+    """Bytes of every tensor the model holds (quantization state included), shared storage once.
+
+    ONNX Runtime owns its initializers; their bytes are those of the graph's weight files.
+    """
+    if not hasattr(engine, "model"):
+        return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
     seen, total = set(), 0
     for t in list(engine.model.state_dict().values()):
         if not isinstance(t, torch.Tensor):

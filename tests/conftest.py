@@ -144,3 +144,17 @@ def baseline_logits_fn(embedded_model_dir):
         return memo[key]
 
     return fn
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32_artifact(embedded_model_dir, artifacts_dir) -> Path:
+    from sc2quant.export_onnx import export_onnx
+
+    return export_onnx(None, artifacts_dir / "onnx-fp32", dtype="fp32", weights="fp")
+
+
+@pytest.fixture(scope="session")
+def onnx_int4_artifact(embedded_model_dir, artifacts_dir) -> Path:
+    from sc2quant.export_onnx import export_onnx
+
+    return export_onnx(None, artifacts_dir / "onnx-int4", dtype="fp32", weights="int4", block_size=32)

@@ -95,3 +95,18 @@ def test_flipped_byte_is_refused(gptq_artifact, tmp_path):
     with pytest.raises(IntegrityError, match="does not match its checksum"):
         load(bad)
     assert load(bad, verify=False).generate(PROMPT, max_new_tokens=2) is not None
+
+
+@pytest.mark.slow
+def test_onnx_fp32_generates_the_same_tokens_as_pytorch(model, onnx_fp32_artifact):
+    onnx = load(onnx_fp32_artifact)
+    assert onnx.kind == "onnx"
+    prompts = [PROMPT, "import json\n\n\ndef load(path):\n    with open(path) as f:\n"]
+    assert onnx.generate(prompts, max_new_tokens=24) == model.generate(prompts, max_new_tokens=24)
+    assert "".join(onnx.stream(PROMPT, max_new_tokens=12)) == model.generate(PROMPT, max_new_tokens=12)
+    assert isinstance(onnx.infill("def add(a, b):\n    ", "\n    return c\n", max_new_tokens=8), str)
+
+
+@pytest.mark.slow
+def test_onnx_int4_loads_and_generates(onnx_int4_artifact):
+    assert len(load(onnx_int4_artifact).generate(PROMPT, max_new_tokens=8)) > 0
