@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -60,6 +61,11 @@ def user_errors(fn: F) -> F:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def json_safe(as_json: bool) -> contextlib.AbstractContextManager:
+    """With --json, library chatter (GPTQModel logs to stdout) goes to stderr, keeping stdout parseable."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 @app.command("inspect")
@@ -135,7 +141,8 @@ def quantize_cmd(
                      damp=damp, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                      quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, device=device,
                      out=str(out) if out else None, force=force, allow_pickle=allow_pickle)
-    path = quantize(merge(QuantizeOptions, recipe, overrides))
+    with json_safe(as_json):
+        path = quantize(merge(QuantizeOptions, recipe, overrides))
     if as_json:
         from sc2quant.artifact import read_manifest
 
@@ -208,8 +215,9 @@ def export_onnx_cmd(
     from sc2quant.artifact import read_manifest
     from sc2quant.export_onnx import export_onnx
 
-    path = export_onnx(model, out, dtype=dtype, weights=weights, block_size=block_size, symmetric=symmetric,
-                       device=device, force=force)
+    with json_safe(as_json):
+        path = export_onnx(model, out, dtype=dtype, weights=weights, block_size=block_size, symmetric=symmetric,
+                           device=device, force=force)
     if as_json:
         print_json({"artifact": str(path), **read_manifest(path).__dict__})
 
@@ -330,9 +338,10 @@ def report_cmd(
 
     if seqlen < 8 or max_windows < 1 or (stride is not None and stride < 1):
         raise UserError("--seqlen must be at least 8, --max-windows and --stride at least 1")
-    result = report(artifacts, baseline=baseline, eval_paths=eval, seqlen=seqlen, stride=stride,
-                    max_windows=max_windows, humaneval=humaneval, humaneval_limit=humaneval_limit, device=device,
-                    speed=speed, out=out, force=force)
+    with json_safe(as_json):
+        result = report(artifacts, baseline=baseline, eval_paths=eval, seqlen=seqlen, stride=stride,
+                        max_windows=max_windows, humaneval=humaneval, humaneval_limit=humaneval_limit, device=device,
+                        speed=speed, out=out, force=force)
     if as_json:
         print_json(result)
         return
