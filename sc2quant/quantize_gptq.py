@@ -64,10 +64,11 @@ def quantize_gptq_model(source_path: Path, tmp: Path, samples: list[list[int]], 
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, damp_percent=damp)
         model = GPTQModel.load(str(source_path), qcfg, device=device, trust_remote_code=False)
         calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in samples]
+        target = tmp.resolve()  # before chdir: `tmp` may be relative to the user's folder
         # GPTQModel writes logs/ into the working directory: keep it out of the user's folder
         with tempfile.TemporaryDirectory(prefix="sc2quant-gptq-") as scratch, contextlib.chdir(scratch):
             log = model.quantize(calib, batch_size=8)
-            model.save(str(tmp.resolve()))
+            model.save(str(target))
     layer_errors = _layer_errors(log)
     _drop_unused_files(tmp)
     config = json.loads((tmp / "config.json").read_text())

@@ -143,3 +143,14 @@ def test_gptq_bad_input_exit_2(tiny_model_dir, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_relative_output_path_and_no_logs_left(tiny_model_dir, tmp_path, monkeypatch):
+    """GPTQModel runs in a scratch folder (it writes logs/); a relative --out must still work."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--group-size", "32", "--calib-samples", "8",
+                                 "--calib-seqlen", "64", "--out", "rel/gptq"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "rel" / "gptq").kind == "gptq"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]
