@@ -112,7 +112,9 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
     if not sets or all(s.windows.shape[1] < 2 for s in sets):
         raise UserError("the evaluation text is too short to measure anything: give longer files")
     rows: dict[str, Any] = {}
-    entries = [(base_source.path, "baseline", base)] + [(p, model_label(p), None) for p in paths]
+    labels = [model_label(p) for p in paths]
+    labels = [f"{lab} ({p.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
+    entries = [(base_source.path, "baseline", base)] + [(p, lab, None) for p, lab in zip(paths, labels)]
     for path, label, model in entries:
         console.print(f"[bold]evaluating[/] {label} ({path})")
         model = model or load(path, device=device)
