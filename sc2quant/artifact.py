@@ -152,7 +152,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Manifest:
     """Checksum every file in `tmp`, write the manifest, then rename `tmp` to `out`."""
-    (tmp / ".pid").unlink(missing_ok=True)
+    (tmp / ".pid").unlink(missing_ok=True)  # staging bookkeeping, not part of the artifact
     manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
     manifest.tools = manifest.tools or tool_versions()
     manifest.files = {
@@ -161,7 +161,14 @@ def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Man
         if p.is_file() and p.name != MANIFEST_NAME
     }
     (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make files private; artifacts are ordinary files
+    publish(tmp, out, force)
+    return manifest
+
+
+def publish(tmp: Path, out: Path, force: bool = False) -> None:
+    """Make a finished staging directory readable and rename it to `out` (replacing it with force)."""
+    (tmp / ".pid").unlink(missing_ok=True)
+    os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make files private; outputs are ordinary files
     for p in tmp.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if out.exists():
@@ -173,7 +180,6 @@ def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Man
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
-    return manifest
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from sc2quant import artifact
-from sc2quant.loader import read_config, resolve_source, weight_files
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def safetensors_header(file: Path) -> dict[str, Any]:
-    with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header
+from sc2quant.loader import read_config, resolve_source, safetensors_header, weight_files
 
 
 def count_parameters(files: list[Path], tied: bool) -> tuple[int, dict[str, int]]:
     """Tensor elements stored in safetensors files, and stored elements per dtype."""
     total, by_dtype = 0, {}
     for f in files:
-        for info in safetensors_header(f).values():
+        for info in safetensors_header(f)[1].values():
             n = 1
             for d in info["shape"]:
                 n *= d

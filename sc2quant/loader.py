@@ -154,14 +154,21 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     return files
 
 
-def _check_complete(file: Path) -> None:
-    """safetensors maps lazily; a truncated file is only noticed here by comparing sizes."""
+def safetensors_header(file: Path) -> tuple[int, dict]:
+    """(header length, tensor entries) of a safetensors file, read without loading tensors."""
     import struct
 
     with open(file, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    return header_len, header
+
+
+def _check_complete(file: Path) -> None:
+    """safetensors maps lazily; a truncated file is only noticed here by comparing sizes."""
+    header_len, header = safetensors_header(file)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if file.stat().st_size < 8 + header_len + end:
         raise UserError(f"weight file {file.name} is truncated ({file.stat().st_size} bytes): re-download or re-export the model")
 

@@ -220,15 +220,7 @@ def write_outputs(result: dict, out: Path, force: bool) -> None:
         (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(result))
         plot_tradeoff(result, tmp / "tradeoff.png")
-        tmp.chmod(0o755)
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        (tmp / ".pid").unlink(missing_ok=True)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.rename(out)
+        artifact.publish(tmp, out, force)
 
 
 if __name__ == "__main__":

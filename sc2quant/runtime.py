@@ -56,6 +56,11 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     return Model(engine, source.path)
 
 
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """StarCoder2's fill-in-the-middle prompt (PSM order)."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+
 class Model:
     """A loaded model: `generate`, `stream`, `infill` and `logits` over any engine."""
 
@@ -102,15 +107,14 @@ class Model:
     def infill(self, prefix: str, suffix: str, max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0) -> str:
         """Fill-in-the-middle in StarCoder2's PSM format; returns the middle only."""
-        prompt = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(fim_prompt(prefix, suffix), add_special_tokens=False)["input_ids"]
         sampling = Sampling(max_new_tokens, temperature, top_p, (), seed)
         return next(text for _, text in reversed(list(self._run([ids], sampling))))
 
     def complete(self, prompts: list[str], sampling: Sampling, suffix: str | None = None) -> list[dict[str, Any]]:
         """Completions with OpenAI-style bookkeeping (finish reason, token counts), for the server."""
         if suffix is not None:
-            prompts = [f"{FIM_PREFIX}{p}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}" for p in prompts]
+            prompts = [fim_prompt(p, suffix) for p in prompts]
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         info: dict[str, Any] = {}
         texts = [""] * len(ids)

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.errors import UserError
-from sc2quant.runtime import Model, Sampling
+from sc2quant.runtime import Model, Sampling, fim_prompt
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 2048
@@ -159,11 +159,7 @@ def _stream(model: Model, gate: Gate, prompt: str, req: CompletionRequest, sampl
 
     try:
         with gate.running:
-            text_in = prompt
-            if req.suffix is not None:
-                from sc2quant.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-
-                text_in = f"{FIM_PREFIX}{prompt}{FIM_SUFFIX}{req.suffix}{FIM_MIDDLE}"
+            text_in = prompt if req.suffix is None else fim_prompt(prompt, req.suffix)
             ids = model.tokenizer(text_in, add_special_tokens=False)["input_ids"]
             info: dict[str, Any] = {}
             sent = ""
