@@ -9,11 +9,11 @@ PIP := $(BIN)/pip install -c constraints.txt
 install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
 	$(PY) -m venv $(VENV)
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e ".[cpu,dev]"
+	$(PIP) -q -e ".[cpu,dev,bench]"
 
 install-gpu:  ## the same with the CUDA builds of ONNX Runtime
 	$(PY) -m venv $(VENV)
-	$(PIP) -q -e ".[gpu,dev]"
+	$(PIP) -q -e ".[gpu,dev,bench]"
 
 test:  ## lint, then the whole test suite (slow tests included)
 	$(BIN)/ruff check sc2quant tests bench
@@ -28,8 +28,8 @@ embedded-model:  ## retrain the embedded model (about 50 minutes on 2 cores)
 calib-data:  ## rebuild calib_data/ from the machine's permissively licensed sources
 	$(BIN)/python -m sc2quant.data --rebuild
 
-bench:  ## peer benchmarks (issue 9): not built yet
-	@echo "make bench is not built yet (issue 9); bench/README.md says what exists" && exit 2
+bench:  ## sc2quant vs llama.cpp and transformers (about 1 hour on 2 cores; needs cmake and a C++ compiler)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

@@ -195,6 +195,9 @@ def export_onnx_cmd(
     block_size: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 32,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4 grid, or with zero points.")] = True,
     device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
+    lm_head: Annotated[Optional[str], typer.Option(
+        help="int4 exports: lm_head int4 (tied with the embedding), int8, or float "
+             "[default: int4; float for a GPTQ checkpoint].")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Output directory (default out/<model>-onnx-<dtype|int4>)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -211,13 +214,15 @@ def export_onnx_cmd(
         sc2quant export onnx ./starcoder2-3b --weights int4 --block-size 32
 
         sc2quant export onnx out/embedded-gptq-int4-g128             # GPTQ weights carried into MatMulNBits
+
+        sc2quant export onnx out/embedded-gptq-int4-g128 --lm-head int8   # and an 8-bit lm_head
     """
     from sc2quant.artifact import read_manifest
     from sc2quant.export_onnx import export_onnx
 
     with json_safe(as_json):
         path = export_onnx(model, out, dtype=dtype, weights=weights, block_size=block_size, symmetric=symmetric,
-                           device=device, force=force)
+                           device=device, force=force, lm_head=lm_head)
     if as_json:
         print_json({"artifact": str(path), **read_manifest(path).__dict__})
 

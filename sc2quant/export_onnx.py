@@ -26,6 +26,7 @@ WEIGHTS = ("fp", "int4")
 BLOCK_SIZES = (32, 64, 128)
 DEVICES = ("cpu", "cuda")
 GPTQ_BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes MatMulNBits accepts
+LM_HEADS = ("int4", "int8", "float")
 
 
 def export_onnx(
@@ -37,14 +38,19 @@ def export_onnx(
     symmetric: bool = True,
     device: str = "cpu",
     force: bool = False,
+    lm_head: str | None = None,
 ) -> Path:
     """Export `model` (directory, hub id, artifact, or None for the embedded model) to `out`.
 
     dtype: activations, KV cache and logits (fp32, or fp16 which also runs on the CPU EP but is
     meant for CUDA); weights: "fp" (same dtype) or "int4" (MatMulNBits, `block_size`, symmetric
     or with zero points). A GPTQ checkpoint keeps its own int4 weights, group size and zeros.
+    lm_head (int4 weights only): "int4" (tied with the embedding), "int8", or "float"; default
+    int4, or float for a GPTQ checkpoint (which leaves its lm_head unquantized).
     """
     _check_options(dtype, weights, block_size, device)
+    if lm_head not in (None, *LM_HEADS):
+        raise UserError(f"unknown --lm-head '{lm_head}': choose one of {', '.join(LM_HEADS)}")
     quiet_libraries()
     source = resolve_source(model)
     config = read_config(source.path)
@@ -52,7 +58,9 @@ def export_onnx(
     if gptq is not None:
         weights, block_size, symmetric = _gptq_settings(gptq, weights, block_size, symmetric)
     out = Path(out) if out else default_out(source, dtype, weights)
-    opts = _build_options(dtype, weights, block_size, symmetric, device, gptq is not None)
+    if lm_head is not None and weights != "int4":
+        raise UserError("--lm-head applies to int4 exports only: add --weights int4 or drop --lm-head")
+    opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or ("float" if gptq else "int4"))
     started = time.monotonic()
     with artifact.staging(out, force) as tmp:
         facts = _build(source, config, tmp, opts)
@@ -161,7 +169,7 @@ def _gptq_settings(quant: dict[str, Any], weights: str, block_size: int, symmetr
     return "int4", group, sym
 
 
-def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, gptq: bool):
+def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, lm_head: str):
     from sc2quant.onnx_builder import BuildOptions
 
     return BuildOptions(
@@ -170,8 +178,7 @@ def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, d
         ep=device,
         block_size=block_size,
         symmetric=symmetric,
-        # GPTQ keeps lm_head in float; so does the export, rather than adding RTN error to it.
-        quantize_lm_head=not gptq,
+        lm_head=lm_head if weights == "int4" else "float",
     )
 
 
@@ -215,8 +222,9 @@ def _params(dtype: str, weights: str, block_size: int, symmetric: bool, device: 
         "execution_provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
         "exporter": "onnxruntime-genai model builder + sc2quant.onnx_builder",
         "kv_cache": "full-length, past/present share one buffer",
-        "lm_head": "int4, shared with the embedding (GatherBlockQuantized)" if opts.precision == "int4" and
-                   opts.quantize_lm_head else "float, shared with the embedding",
+        "lm_head": {"int4": "int4, shared with the embedding (GatherBlockQuantized)",
+                    "int8": "int8 (MatMulNBits), embedding float",
+                    "float": "float, shared with the embedding"}[opts.lm_head],
         "graph": facts,
         "seconds": round(seconds, 1),
     }

@@ -139,7 +139,9 @@ class BuildOptions:
     ep: str  # "cpu" or "cuda"
     block_size: int = 32
     symmetric: bool = True
-    quantize_lm_head: bool = True  # False keeps the tied embedding/lm_head in float, stored once
+    # int4: tied with the embedding (GatherBlockQuantized); float: tied, stored once; int8: its own
+    # MatMulNBits at 8 bits (as llama.cpp keeps its output matrix at 6+ bits), embedding in float.
+    lm_head: str = "int4"
 
 
 @contextlib.contextmanager
@@ -177,9 +179,14 @@ def _extra_options(opts: BuildOptions) -> dict[str, Any]:
         # local_window_size still limits attention, the cache is just longer than it needs to be.
         "windowed_kv_cache": "false",
     }
-    if not opts.quantize_lm_head:
+    if opts.lm_head == "float":
         # Keep the tied matrix in float: the lm_head MatMul and the embedding Gather share it.
         extra["nodes_to_exclude"] = "/lm_head/MatMul,/model/embed_tokens/Gather"
+    elif opts.lm_head == "int8":
+        # GatherBlockQuantized reads 4-bit data only, so the embedding stays float (one row is
+        # read per token; the lm_head, read whole at every step, is what costs time).
+        extra["nodes_to_exclude"] = "/model/embed_tokens/Gather"
+        extra["matmul_mixed_precision"] = "last_matmul:int8"
     return extra
 
 

@@ -59,8 +59,23 @@ def measure(path: str | None, device: str = "cpu", prefill: int = PREFILL_TOKENS
         "prefill_tokens": n,
         "decode_tokens": decode,
         "weight_bytes_in_memory": weight_bytes(model.engine, model.path),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_self(),
     }
+
+
+def peak_rss_self() -> int:
+    """This process's peak resident set since its exec (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a child started from a parent
+    holding 1 GB would report at least 1 GB whatever it did itself.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
 
 
 def weight_bytes(engine: Any, path: Path) -> int:

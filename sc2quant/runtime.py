@@ -36,8 +36,13 @@ class Sampling:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True) -> Model:
-    """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory."""
+def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
+         dtype: str = "auto") -> Model:
+    """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
+
+    threads: CPU threads (ONNX Runtime's per session; torch's setting is process-wide).
+    dtype: compute dtype of a plain checkpoint ("auto": bf16 where the hardware has it, else fp32).
+    """
     from sc2quant.loader import resolve_source
 
     source = resolve_source(path)
@@ -48,11 +53,13 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     if kind == "onnx":
         from sc2quant.engines.onnx import OnnxEngine
 
-        engine: Any = OnnxEngine(source.path, device=device)
+        engine: Any = OnnxEngine(source.path, device=device, threads=threads)
     else:
         from sc2quant.engines.torch_engine import TorchEngine
 
-        engine = TorchEngine(source.path, device=device, kind=kind)
+        if threads:
+            torch.set_num_threads(threads)
+        engine = TorchEngine(source.path, device=device, dtype=dtype, kind=kind)
     return Model(engine, source.path)
 
 

@@ -1,0 +1,90 @@
+"""Every contender, built from the same bf16 weights: sc2quant's artifacts through its own API,
+transformers on the plain checkpoint, and llama.cpp's GGUF quantizations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import llamacpp
+from sc2quant.console import console
+
+REFERENCE = {"cpu": "llama.cpp Q4_0", "cuda": "transformers bf16"}  # ratios are against this, within a round
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    runtime: str  # "sc2quant" (its runtime, torch or ONNX engine), "transformers", or "llama.cpp"
+    path: Path
+    dtype: str = "auto"  # torch compute dtype of a plain checkpoint
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.runtime == "llama.cpp"
+
+
+def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tuple[int, int] | None,
+              llama: bool = True, device: str = "cpu") -> list[Contender]:
+    """Quantize/export/convert `model_dir` into `workdir` (reusing what a previous run built).
+
+    calib: GPTQ's (samples, seqlen); None writes the GPTQ-format checkpoint by round-to-nearest
+    (`--method rtn`): the same format and kernels, so the same speed, without the Hessian solve
+    that takes over half an hour on a 300M model on 2 CPU cores and means nothing on random weights.
+
+    On CUDA the contenders are a GPU user's: transformers bf16, bitsandbytes and GPTQ kernels.
+    """
+    import importlib.util
+
+    from sc2quant.export_onnx import export_onnx
+    from sc2quant.quantize import QuantizeOptions, quantize
+
+    work = workdir / f"{name}-{device}"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def q(dirname: str, **kw) -> Path:
+        out = work / dirname
+        if not out.exists():
+            console.print(f"[bold]building[/] {work.name}: {out.name}")
+            quantize(QuantizeOptions(model=str(model_dir), out=str(out), device=device, **kw))
+        return out
+
+    def onnx(dirname: str, src: Path, **kw) -> Path:
+        out = work / dirname
+        if not out.exists():
+            console.print(f"[bold]building[/] {work.name}: {out.name}")
+            export_onnx(src, out, **kw)
+        return out
+
+    contenders = [Contender("transformers bf16", "transformers", model_dir, dtype="bf16")]
+    if device == "cpu":
+        contenders.append(Contender("sc2quant torch (bf16 weights)", "sc2quant", model_dir))
+    contenders += [Contender("sc2quant bnb int8", "sc2quant", q("bnb-int8", method="bnb", bits=8)),
+                   Contender("sc2quant bnb nf4", "sc2quant", q("bnb-nf4", method="bnb", bits=4, quant_type="nf4"))]
+    if device == "cuda" and importlib.util.find_spec("gptqmodel") is None:
+        console.print("[yellow]gptqmodel is not installed: no GPTQ contender[/]")
+        return contenders
+    if calib is None:
+        gptq = q("gptq-format-rtn-int4-g128", method="rtn", bits=4, group_size=128)
+    else:
+        gptq = q("gptq-int4-g128", method="gptq", bits=4, group_size=128, calib_samples=calib[0], calib_seqlen=calib[1])
+    contenders.append(Contender("sc2quant GPTQ int4 g128", "sc2quant", gptq))
+    if device == "cuda":
+        return contenders
+    contenders += [
+        Contender("sc2quant ONNX fp32", "sc2quant", onnx("onnx-fp32", model_dir, dtype="fp32")),
+        Contender("sc2quant ONNX int4 (RTN b32)", "sc2quant",
+                  onnx("onnx-int4-rtn-b32", model_dir, dtype="fp32", weights="int4", block_size=32)),
+        Contender("sc2quant ONNX int4 (RTN b32, lm_head int8)", "sc2quant",
+                  onnx("onnx-int4-rtn-b32-lm8", model_dir, dtype="fp32", weights="int4", block_size=32, lm_head="int8")),
+        Contender("sc2quant ONNX int4 (GPTQ g128)", "sc2quant", onnx("onnx-int4-gptq-g128", gptq, dtype="fp32")),
+        Contender("sc2quant ONNX int4 (GPTQ g128, lm_head int8)", "sc2quant",
+                  onnx("onnx-int4-gptq-g128-lm8", gptq, dtype="fp32", lm_head="int8")),
+    ]
+    if llama:
+        llamacpp.ensure_built()
+        f16 = llamacpp.convert(model_dir, work / "gguf-F16.gguf")
+        for quant in llamacpp.QUANTS:
+            path = llamacpp.quantize(f16, quant, work / f"gguf-{quant}.gguf", threads)
+            contenders.append(Contender(f"llama.cpp {quant}", "llama.cpp", path))
+    return contenders

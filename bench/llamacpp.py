@@ -1,0 +1,124 @@
+"""llama.cpp, the CPU peer: fetched as the llama-cpp-python sdist (its vendored llama.cpp), built
+once into bench/.cache, then used for GGUF conversion, quantization, llama-bench and logits.
+
+The PyPI wheel of llama-cpp-python ships no command-line tools, so the tools are built from the
+same sources with CMake; the Python bindings of that sdist are pointed at the freshly built
+shared library (LLAMA_CPP_LIB_PATH) for logits on exact token windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sc2quant.console import console
+from sc2quant.errors import UserError
+
+VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is the peer
+CACHE = Path(__file__).parent / ".cache"
+SDIST = CACHE / f"llama_cpp_python-{VERSION}"
+SOURCE = SDIST / "vendor" / "llama.cpp"
+BUILD = SOURCE / "build"
+TOOLS = ("llama-quantize", "llama-bench")
+QUANTS = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+
+
+def tool(name: str) -> Path:
+    return BUILD / "bin" / name
+
+
+def ensure_built() -> None:
+    """Download the sdist (pip) and build the tools and libllama (CMake, native CPU flags)."""
+    if all(tool(t).exists() for t in TOOLS) and any((BUILD / "bin").glob("libllama.so*")):
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if not SOURCE.exists():
+        with console.status(f"downloading llama-cpp-python {VERSION} (sources)"):
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                  f"llama-cpp-python=={VERSION}", "-d", str(CACHE)])
+        with tarfile.open(CACHE / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
+            tar.extractall(CACHE, filter="data")
+    console.print("building llama.cpp (about 7 minutes on 2 cores, once)")
+    _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+          "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+          "-DCMAKE_BUILD_TYPE=Release"])
+    _run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", *TOOLS, "llama"])
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise UserError(f"{' '.join(map(str, cmd[:3]))} failed: " + " | ".join(tail))
+    return done
+
+
+def convert(model_dir: Path, out: Path) -> Path:
+    """HF directory -> F16 GGUF with llama.cpp's own converter (see gguf_convert.py for the one patch)."""
+    if not out.exists():
+        with console.status(f"converting {model_dir.name} to GGUF F16"):
+            _run([sys.executable, str(Path(__file__).parent / "gguf_convert.py"), str(SOURCE), str(model_dir),
+                  "--outtype", "f16", "--outfile", str(out)])
+    return out
+
+
+def quantize(f16: Path, quant: str, out: Path, threads: int) -> Path:
+    if quant == "F16":
+        return f16
+    if not out.exists():
+        with console.status(f"llama-quantize {quant}"):
+            _run([str(tool("llama-quantize")), str(f16), str(out), quant, str(threads)])
+    return out
+
+
+def bench_once(gguf: Path, threads: int, prefill: int, prompt: int, decode: int) -> dict[str, float]:
+    """One llama-bench run: prefill tok/s of `prefill` tokens from empty, decode tok/s of `decode`
+    tokens after a `prompt`-token context (-d), each averaged over llama-bench's own -r 1 run
+    after its warm-up. Peak RSS comes from wait4 on the child."""
+    from bench.timing import run_child
+
+    def one(args: list[str]) -> tuple[float, int]:
+        out, rss = run_child([str(tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json",
+                              *args])
+        rows = json.loads(out)
+        return float(rows[0]["avg_ts"]), rss
+
+    pp, rss_p = one(["-p", str(prefill), "-n", "0"])
+    tg, rss_g = one(["-p", "0", "-n", str(decode), "-d", str(prompt)])
+    return {"prefill_tokens_per_s": pp, "decode_tokens_per_s": tg, "peak_rss_bytes": max(rss_p, rss_g)}
+
+
+@contextlib.contextmanager
+def gguf_logits(gguf: Path, n_ctx: int, threads: int) -> Iterator[Callable[[Any], Any]]:
+    """A LogitsFn over a GGUF: every position's logits, one window at a time (llama.cpp's context
+    is sequential), through llama-cpp-python's bindings on the library built above."""
+    import numpy as np
+    import torch
+
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(BUILD / "bin")
+    if str(SDIST) not in sys.path:
+        sys.path.insert(0, str(SDIST))
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def fn(windows: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row in windows.tolist():
+            llm.reset()
+            llm.eval(row)
+            out.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(out)
+
+    try:
+        yield fn
+    finally:
+        llm.close()  # before interpreter shutdown, when the bindings' globals are gone

@@ -1,0 +1,148 @@
+"""The results of one `make bench` run: <date>-<machine>.json (everything), .md (tables, ratios,
+target verdict, profile) and .png (decode ratio and drift), written atomically into bench/results."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+ONNX_INT4 = ("sc2quant ONNX int4 (RTN b32)", "sc2quant ONNX int4 (RTN b32, lm_head int8)",
+             "sc2quant ONNX int4 (GPTQ g128)", "sc2quant ONNX int4 (GPTQ g128, lm_head int8)")
+
+
+def stem(result: dict) -> str:
+    m = result["machine"]
+    simd = "avx512" if "avx512f" in m["simd"] else "avx2" if "avx2" in m["simd"] else "nosimd"
+    return f"{result['date']}-{platform.machine()}-{m['logical_cpus']}cpu-{simd}"
+
+
+def write(result: dict, out_dir: Path) -> Path:
+    """Each file is written beside its final name and renamed into place: never half a file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = stem(result)
+    texts = {f"{name}.json": json.dumps(result, indent=2) + "\n", f"{name}.md": render(result, f"{name}.png")}
+    for fname, text in texts.items():
+        tmp = out_dir / f".{fname}.partial"
+        tmp.write_text(text)
+        tmp.replace(out_dir / fname)
+    tmp = out_dir / f".{name}.partial.png"
+    plot(result, tmp)
+    tmp.replace(out_dir / f"{name}.png")
+    return out_dir / f"{name}.md"
+
+
+def verdict(result: dict) -> list[str]:
+    """The issue's target, checked on this run's numbers."""
+    lines: list[str] = []
+    if result.get("device", "cpu") != "cpu":
+        return ["- (the target concerns the CPU run)"]
+    big, small = result["models"].get("300m"), result["models"].get("embedded")
+    for name in ONNX_INT4:
+        if big and name in big["contenders"] and "ratio_vs_reference" in big["contenders"][name]:
+            r = big["contenders"][name]["ratio_vs_reference"]["decode_tokens_per_s"]
+            lines.append(f"- 300M decode, {name} / llama.cpp Q4_0 = **{r:.2f}x** "
+                         f"({'meets' if r >= 1 else 'misses'} the target of >= 1.00x{'' if r >= 1 else f' by {1 - r:.0%}'})")
+        ref = (small or {}).get("contenders", {}).get("llama.cpp Q4_0", {}).get("drift")
+        ours = (small or {}).get("contenders", {}).get(name, {}).get("drift")
+        if ref and ours:
+            ok = ours["kl_mean"] < ref["kl_mean"]
+            lines.append(f"- embedded-model KL, {name}: {ours['kl_mean']:.2e} vs llama.cpp Q4_0 {ref['kl_mean']:.2e} "
+                         f"(**{ours['kl_mean'] / ref['kl_mean']:.2f}x**, {'meets' if ok else 'misses'} the target of lower KL)")
+    return lines
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if v != 0 and abs(v) < 10 ** -(digits - 1):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:,.{max(0, digits - len(str(int(abs(v)))))}f}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def table(entry: dict) -> list[str]:
+    ref = entry.get("reference", "ref").replace("llama.cpp ", "").replace("transformers ", "")
+    head = ["contender", "disk MB", "peak RSS MB", "prefill tok/s", "decode tok/s", f"prefill ×{ref}", f"decode ×{ref}",
+            f"RSS ×{ref}", "decode bound tok/s", "% of bound", "KL mean", "top-1 agree", "ppl drift %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c in entry["contenders"].items():
+        med, ratio, d = c.get("median", {}), c.get("ratio_vs_reference", {}), c.get("drift", {})
+        lines.append("| " + " | ".join([
+            name, _f(c["bytes_on_disk"] / 1e6), _f(med.get("peak_rss_bytes", 0) / 1e6),
+            _f(med.get("prefill_tokens_per_s")), _f(med.get("decode_tokens_per_s")),
+            _f(ratio.get("prefill_tokens_per_s")), _f(ratio.get("decode_tokens_per_s")), _f(ratio.get("peak_rss_bytes")),
+            _f(c.get("decode_bound_tokens_per_s")), _f(100 * c.get("decode_fraction_of_bound", float("nan"))),
+            _f(d.get("kl_mean")), _f(d.get("top1_agreement")), _f(d.get("perplexity_drift_pct")),
+        ]) + " |")
+    return lines
+
+
+def render(result: dict, png: str) -> str:
+    m = result["machine"]
+    w = result["workload"]
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    lines = [f"# sc2quant vs llama.cpp and transformers, {result['date']}", "",
+             f"Machine: {m['cpu']}{gpu}, {m['logical_cpus']} logical CPUs ({', '.join(m['simd']) or 'no AVX'}), "
+             f"{m['memory_bytes'] / 2**30:.0f} GiB, {m['os']}. **{result['threads']} threads for every contender**, "
+             f"{result['rounds']} rounds in rotated order, medians; ratios against {result['reference']} are taken "
+             f"within each round, then the median. Memory read bandwidth ({result['threads']} threads): "
+             f"{result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s. Whole run: {result['seconds'] / 60:.0f} min.", "",
+             f"Workload: prefill = {w['prefill']}-token prompt from empty; decode = {w['decode']} greedy tokens "
+             f"after a {w['prompt']}-token prompt, batch 1. Decode bound = bandwidth / weight bytes "
+             "(every weight read once per token).", "", "## Target", "", *verdict(result), ""]
+    for name, entry in result["models"].items():
+        lines += [f"## {name} ({entry['parameters'] / 1e6:.1f}M parameters)", "", *table(entry), ""]
+        lines += [f"{n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
+        if "drift_setup" in entry:
+            s = entry["drift_setup"]
+            lines += [f"Drift: {s['tokens']:,} tokens ({s['windows_per_source']} windows of {s['seqlen']} per source: "
+                      f"{', '.join(s['sources'])}) against {s['baseline']}.", ""]
+        notes = {n: c["rounds"][0] for n, c in entry["contenders"].items()
+                 if c["rounds"] and c["rounds"][0].get("decode_tokens", w["decode"]) != w["decode"]}
+        for n, r in notes.items():
+            lines += [f"{n}: measured over {r['prefill_tokens']} prefill / {r['decode_tokens']} decode tokens only "
+                      "(bf16 is emulated on this CPU, about 100x slower than fp32).", ""]
+        for cname, p in entry.get("onnx_int4_decode_profiles", {}).items():
+            lines += [f"### Where decode time goes: {cname} ({p['steps']} steps, ONNX Runtime profiler)", "",
+                      f"{p['ms_per_step']:.2f} ms per step; operators account for {p['operator_share_of_step']:.0%} of it.", "",
+                      "| operator | ms per step | share of operator time |", "|---|---|---|"]
+            lines += [f"| {op} | {v['ms_per_step']:.3f} | {v['share']:.1%} |" for op, v in list(p["by_op"].items())[:8]]
+            lines.append("")
+    lines += ["## Versions", "", *[f"- {k}: {v}" for k, v in result["versions"].items()], "",
+              f"![decode ratio and drift]({png})", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"].items())
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 5))
+    for ax, (name, entry) in zip(axes, models):
+        items = [(n, c["ratio_vs_reference"]["decode_tokens_per_s"]) for n, c in entry["contenders"].items()
+                 if "ratio_vs_reference" in c]
+        ax.barh([n for n, _ in items], [r for _, r in items],
+                color=["tab:orange" if n.startswith("llama.cpp") else "tab:blue" for n, _ in items])
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: decode tok/s ÷ {entry.get('reference')} (same round)", fontsize=10)
+        ax.invert_yaxis()
+    ax = axes[-1]
+    entry: dict[str, Any] = result["models"].get("embedded", {})
+    for n, c in entry.get("contenders", {}).items():
+        if "drift" in c:
+            x, y = c["bytes_on_disk"] / 1e6, max(c["drift"]["kl_mean"], 1e-7)
+            ax.scatter([x], [y], color="tab:orange" if n.startswith("llama.cpp") else "tab:blue")
+            ax.annotate(n.replace("sc2quant ", ""), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes on disk (MB)")
+    ax.set_ylabel("mean KL to bf16 (log)")
+    ax.set_title("embedded model: size vs drift")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""`make bench`: sc2quant's runtimes against llama.cpp and transformers on the same weights.
+
+    python -m bench.run [--models embedded,300m] [--threads N] [--rounds 3] [--out bench/results]
+
+Speed: every contender in a fresh child process per round, contenders in a rotated order each
+round, medians over rounds, and ratios against llama.cpp Q4_0 taken within each round (absolute
+numbers on a shared machine mean little; ratios from one run mean a lot). Drift (embedded model
+only, since a random model's drift says nothing): KL divergence, top-1 agreement and perplexity
+against the bf16 checkpoint on calib_data's evaluation text, identical token windows for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import llamacpp, results
+from bench.bandwidth import decode_bound, read_bandwidth
+from bench.contenders import REFERENCE, Contender, build_all
+from bench.models import embedded, n_params, random_300m
+from bench.timing import measure_in_child
+from sc2quant.console import console
+from sc2quant.errors import UserError
+
+SPEED = {"prefill": 512, "prompt": 128, "decode": 128}  # the issue's workload
+EMULATED_BF16 = {"prefill": 128, "prompt": 128, "decode": 8}  # bf16 without hardware support: ~100x slower
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="embedded,300m", help="comma-separated: embedded, 300m")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every contender")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--work", type=Path, default=Path("bench/work"), help="built contenders (reused across runs)")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (no compiler or no network)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: a GPU user's contenders (transformers bf16, bitsandbytes, GPTQ)")
+    ap.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per source (drift)")
+    a = ap.parse_args(argv)
+    try:
+        run(a)
+    except UserError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    started = time.time()
+    names = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = set(names) - {"embedded", "300m"}
+    if unknown:
+        raise UserError(f"unknown model(s) {sorted(unknown)}: choose from embedded, 300m")
+    a.work.mkdir(parents=True, exist_ok=True)
+    with console.status(f"measuring memory read bandwidth ({a.device}, {a.threads} threads)"):
+        bandwidth = read_bandwidth(a.threads, a.device)
+    reference = REFERENCE[a.device]
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "threads": a.threads,
+                           "device": a.device, "rounds": a.rounds, "workload": SPEED, "read_bandwidth_bytes_per_s": bandwidth,
+                           "reference": reference, "versions": versions(), "models": {}}
+    for name in names:
+        model_dir = embedded() if name == "embedded" else random_300m(a.work)
+        calib = (64, 512) if name == "embedded" else (32, 256) if a.device == "cuda" else None  # see build_all
+        contenders = build_all(name, model_dir, a.work, a.threads, calib, llama=not a.no_llama and a.device == "cpu",
+                               device=a.device)
+        entry: dict[str, Any] = {"path": str(model_dir), "parameters": n_params(model_dir), "contenders": {}, "notes": []}
+        if calib is None:
+            entry["notes"].append("The GPTQ-format int4 checkpoint (and the ONNX int4 made from it) is written by "
+                                  "round-to-nearest (`--method rtn`): same format, kernels and speed as GPTQ, without "
+                                  "a Hessian solve that means nothing on random weights.")
+        for c in contenders:
+            entry["contenders"][c.name] = {"runtime": c.runtime, "path": str(c.path), "bytes_on_disk": disk_bytes(c.path),
+                                           "rounds": []}
+        speed_rounds(contenders, entry, a.threads, a.rounds, a.device)
+        if name == "embedded":
+            drift(contenders, model_dir, entry, a.threads, a.eval_windows, a.device)
+        if name == "300m" and a.device == "cpu":
+            from bench.profile_onnx import profile_decode
+
+            entry["onnx_int4_decode_profiles"] = {c.name: profile_decode(c.path, a.threads) for c in contenders
+                                                  if c.name.startswith("sc2quant ONNX int4")}
+        summarize(entry, bandwidth, reference)
+        out["models"][name] = entry
+    out["seconds"] = time.time() - started
+    path = results.write(out, a.out)
+    console.print(f"[green]wrote[/] {path}")
+    return out
+
+
+def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds: int, device: str) -> None:
+    native_bf16 = device == "cuda" or _native_bf16()
+    for r in range(rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            console.print(f"round {r + 1}/{rounds}: {c.name}")
+            if c.is_gguf:
+                row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
+            else:
+                work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
+                row = measure_in_child(c.path, threads, work["prefill"], work["prompt"], work["decode"], c.dtype, device)
+            row["round"] = r
+            entry["contenders"][c.name]["rounds"].append(row)
+
+
+def _native_bf16() -> bool:
+    from sc2quant.engines.torch_engine import compute_dtype
+
+    return compute_dtype("cpu") == "bf16"
+
+
+def drift(contenders: list[Contender], model_dir: Path, entry: dict, threads: int, windows: int, device: str) -> None:
+    """Every contender's logits on the same windows against the bf16 checkpoint's.
+
+    Windows are as long as the model's sliding window: llama.cpp's StarCoder2 ignores the window
+    (../shared notes), so longer windows would measure that, not quantization.
+    """
+    import torch
+
+    from sc2quant.data import eval_documents
+    from sc2quant.loader import read_config
+    from sc2quant.metrics import compare, eval_sets
+    from sc2quant.runtime import load
+
+    torch.set_num_threads(threads)
+    seqlen = int(read_config(model_dir).get("sliding_window") or 512)
+    base = load(model_dir, threads=threads, device=device)
+    base_fn = lambda ids: base.logits(ids).float().cpu()  # noqa: E731
+    sets = eval_sets(base.tokenizer, eval_documents(), seqlen=seqlen, max_windows=windows)
+    entry["drift_setup"] = {"seqlen": seqlen, "windows_per_source": windows, "sources": [s.name for s in sets],
+                            "tokens": sum(int(s.windows.numel()) for s in sets),
+                            "baseline": "the bf16 checkpoint in transformers" + (
+                                " (fp32 compute: bf16 weights are exact)" if base.engine.dtype == "fp32" else "")}
+    for c in contenders:
+        if c.runtime == "transformers" or c.path == model_dir:
+            continue  # the baseline itself
+        console.print(f"drift: {c.name}")
+        if c.is_gguf:
+            with llamacpp.gguf_logits(c.path, seqlen, threads) as fn:
+                entry["contenders"][c.name]["drift"] = compare(sets, fn, base_fn)["all"]
+        else:
+            model = load(c.path, threads=threads, device=device)
+            fn = lambda ids, m=model: m.logits(ids).float().cpu()  # noqa: E731
+            entry["contenders"][c.name]["drift"] = compare(sets, fn, base_fn)["all"]
+
+
+def summarize(entry: dict, bandwidth: float, reference: str) -> None:
+    """Medians over rounds, ratios against the reference within each round, the bandwidth bound."""
+    measured = {name: c for name, c in entry["contenders"].items() if c["rounds"]}
+    for c in measured.values():
+        rows = c["rounds"]
+        c["median"] = {k: statistics.median(r[k] for r in rows)
+                       for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes")}
+        c["weight_bytes"] = rows[-1].get("weight_bytes_in_memory") or c["bytes_on_disk"]
+        c["decode_bound_tokens_per_s"] = decode_bound(c["weight_bytes"], bandwidth)
+        c["decode_fraction_of_bound"] = c["median"]["decode_tokens_per_s"] / c["decode_bound_tokens_per_s"]
+    entry["reference"] = reference
+    ref = measured.get(reference)
+    if ref is None:
+        return
+    ref_round = {r["round"]: r for r in ref["rounds"]}
+    for c in measured.values():
+        ratio = {k: statistics.median(r[k] / ref_round[r["round"]][k] for r in c["rounds"] if r["round"] in ref_round)
+                 for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+        ratio["peak_rss_bytes"] = c["median"]["peak_rss_bytes"] / ref["median"]["peak_rss_bytes"]
+        ratio["bytes_on_disk"] = c["bytes_on_disk"] / ref["bytes_on_disk"]
+        c["ratio_vs_reference"] = ratio
+
+
+def disk_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    cpu, flags = "unknown", ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni") if f in flags.split()]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = {"cpu": cpu, "logical_cpus": os.cpu_count(), "simd": simd, "memory_bytes": mem, "os": platform.platform(),
+           "python": sys.version.split()[0]}
+    if device == "cuda":
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"llama-cpp-python (vendored llama.cpp)": llamacpp.VERSION}
+    for pkg in ("sc2quant", "torch", "transformers", "bitsandbytes", "gptqmodel", "onnxruntime", "onnxruntime-genai"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
