@@ -4,6 +4,7 @@ so tokens/s can not exceed (read bandwidth) / (weight bytes read per token)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 def read_bandwidth(threads: int, device: str = "cpu", gib: float = 1.0, repeats: int = 7) -> float:
@@ -29,3 +30,22 @@ def read_bandwidth(threads: int, device: str = "cpu", gib: float = 1.0, repeats:
 def decode_bound(weight_bytes_per_token: float, bandwidth: float) -> float:
     """Upper bound on batch-1 decode tokens/s."""
     return bandwidth / weight_bytes_per_token
+
+
+def onnx_bytes_read_per_token(model_dir: Path) -> int:
+    """Initializer bytes of an ONNX graph, less those only a Gather reads (an untied float
+    embedding: one row per token, not the whole matrix)."""
+    import onnx
+
+    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in proto.graph.initializer:
+        if consumers.get(init.name) == {"Gather"}:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        total += int(ext["length"]) if "length" in ext else len(init.raw_data)
+    return total

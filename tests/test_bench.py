@@ -80,3 +80,34 @@ def test_results_files_say_the_target_verdict(tmp_path):
 def test_unknown_model_is_refused(capsys):
     assert main(["--models", "7b", "--no-llama"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_bytes_read_per_token_skip_gather_only_initializers(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bench.bandwidth import onnx_bytes_read_per_token
+
+    emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "embedding")  # read by rows only
+    w = numpy_helper.from_array(np.zeros((8, 8), np.float32), "w")  # read whole each step
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embedding", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], initializer=[emb, w])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert onnx_bytes_read_per_token(tmp_path) == 8 * 8 * 4
+
+
+def test_saved_run_renders_again(tmp_path):
+    from bench.run import rerender
+
+    entry = _entry()
+    result = {"date": "2026-11-26", "machine": {"cpu": "test", "logical_cpus": 2, "simd": [], "memory_bytes": 2**34,
+              "os": "linux"}, "threads": 2, "rounds": 3, "workload": {"prefill": 512, "prompt": 128, "decode": 128},
+              "read_bandwidth_bytes_per_s": 1e9, "reference": REFERENCE, "versions": {}, "seconds": 60,
+              "models": {"embedded": entry}}
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(result))
+    md = rerender(saved, tmp_path / "out")
+    assert "| ours |" in md.read_text() and "1.20" in md.read_text()
