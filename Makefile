@@ -28,7 +28,7 @@ embedded-model:  ## retrain the embedded model (about 50 minutes on 2 cores)
 calib-data:  ## rebuild calib_data/ from the machine's permissively licensed sources
 	$(BIN)/python -m sc2quant.data --rebuild
 
-bench:  ## sc2quant vs llama.cpp and transformers (about 1 hour on 2 cores; needs cmake and a C++ compiler)
+bench:  ## sc2quant vs llama.cpp and transformers (~45 min on 2 cores the first time; needs cmake and a C++ compiler)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
