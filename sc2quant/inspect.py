@@ -10,17 +10,16 @@ from sc2quant import artifact
 from sc2quant.loader import read_config, resolve_source, safetensors_header, weight_files
 
 
-def count_parameters(files: list[Path], tied: bool) -> tuple[int, dict[str, int]]:
-    """Tensor elements stored in safetensors files, and stored elements per dtype."""
-    total, by_dtype = 0, {}
+def stored_elements(files: list[Path]) -> dict[str, int]:
+    """Tensor elements stored in safetensors files, per dtype (packed int4 counts as its int32 words)."""
+    by_dtype: dict[str, int] = {}
     for f in files:
         for info in safetensors_header(f)[1].values():
             n = 1
             for d in info["shape"]:
                 n *= d
-            total += n
             by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + n
-    return total, by_dtype
+    return by_dtype
 
 
 def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -30,7 +29,11 @@ def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
         files = sorted(p for p in source.path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
     else:
         files = weight_files(source.path)
-    params, by_dtype = count_parameters([f for f in files if f.suffix == ".safetensors"], cfg.get("tie_word_embeddings", False))
+    from sc2quant.footprint import counts, shape_from_config
+
+    # From the shape, not the files: a GPTQ, bnb or ONNX artifact stores packed words, not parameters.
+    params = counts(shape_from_config(cfg, name=source.id)).p
+    by_dtype = stored_elements([f for f in files if f.suffix == ".safetensors"])
     rope = cfg.get("rope_parameters") or {}
     info: dict[str, Any] = {
         "source": {"kind": source.kind, "id": source.id, "path": str(source.path)},

@@ -26,6 +26,15 @@ def test_inspect_local_directory(tiny_model_dir):
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_quantized_and_onnx_artifacts_report_the_models_parameters(embedded_model_dir, gptq_artifact, onnx_int4_artifact):
+    from sc2quant.inspect import inspect_model
+
+    expected = inspect_model(embedded_model_dir)["parameters"]
+    assert expected > 6_000_000
+    for path in (gptq_artifact, onnx_int4_artifact):
+        assert inspect_model(path)["parameters"] == expected
+
+
 def test_inspect_table(tiny_model_dir):
     result = runner.invoke(app, ["inspect", str(tiny_model_dir)])
     assert result.exit_code == 0 and "kv_heads" in result.output and "sliding_window" in result.output
