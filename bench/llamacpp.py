@@ -81,7 +81,7 @@ def quantize(f16: Path, quant: str, out: Path, threads: int) -> Path:
 def bench_once(gguf: Path, threads: int, prefill: int, prompt: int, decode: int) -> dict[str, float]:
     """One llama-bench run: prefill tok/s of `prefill` tokens from empty, decode tok/s of `decode`
     tokens after a `prompt`-token context (-d), each averaged over llama-bench's own -r 1 run
-    after its warm-up. Peak RSS comes from wait4 on the child."""
+    after its warm-up. Peak RSS is the child's VmHWM (bench.timing.run_child)."""
     from bench.timing import run_child
 
     def one(args: list[str]) -> tuple[float, int]:

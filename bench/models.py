@@ -49,15 +49,8 @@ def random_300m(workdir: Path, seed: int = 0) -> Path:
 
 
 def n_params(model_dir: Path) -> int:
-    from sc2quant.loader import safetensors_header, weight_files
+    """Parameters from the model's shape, as `sc2quant inspect` counts them."""
+    from sc2quant.footprint import counts, shape_from_config
+    from sc2quant.loader import read_config
 
-    total = 0
-    for f in weight_files(model_dir):
-        _, header = safetensors_header(f)
-        for name, meta in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in meta["shape"]:
-                    n *= d
-                total += n
-    return total
+    return counts(shape_from_config(read_config(model_dir))).p

@@ -25,9 +25,9 @@ from bench import llamacpp, results
 from bench.bandwidth import decode_bound, onnx_bytes_read_per_token, read_bandwidth
 from bench.contenders import REFERENCE, Contender, build_all
 from bench.models import embedded, n_params, random_300m
-from bench.timing import measure_in_child
 from sc2quant.console import console
 from sc2quant.errors import UserError
+from sc2quant.report import measure_in_child
 
 SPEED = {"prefill": 512, "prompt": 128, "decode": 128}  # the workload
 EMULATED_BF16 = {"prefill": 128, "prompt": 128, "decode": 8}  # bf16 without hardware support: prefill ~4x slower
@@ -109,7 +109,7 @@ def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds:
                 row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
             else:
                 work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
-                row = measure_in_child(c.path, threads, work["prefill"], work["prompt"], work["decode"], c.dtype, device)
+                row = measure_in_child(c.path, device, threads=threads, dtype=c.dtype, **work)
             row["round"] = r
             entry["contenders"][c.name]["rounds"].append(row)
 

@@ -34,48 +34,66 @@ def model_label(path: Path) -> str:
     return "baseline"
 
 
-def measure(path: str | None, device: str = "cpu", prefill: int = PREFILL_TOKENS, decode: int = DECODE_TOKENS) -> dict:
-    """Load one model and time it; run in a child process (`python -m sc2quant.report --measure`)."""
+def measure(path: str | None, device: str = "cpu", prefill: int = PREFILL_TOKENS, decode: int = DECODE_TOKENS,
+            prompt: int | None = None, threads: int | None = None, dtype: str = "auto") -> dict:
+    """Load one model, warm up, time a `prefill`-token prompt, then `decode` greedy steps: after
+    that prompt, or after a fresh `prompt`-token one. Token ids are deterministic and free of
+    special tokens. Run in a child process (`python -m sc2quant.report --measure`)."""
     from sc2quant.runtime import load
 
     t0 = time.perf_counter()
-    model = load(path, device=device)
+    model = load(path, device=device, threads=threads, dtype=dtype)
     load_s = time.perf_counter() - t0
-    n = min(prefill, model.context - decode - 1)
-    ids = (torch.arange(n) * 7919 % (len(model.tokenizer) - 64) + 64).tolist()  # deterministic, no special tokens
-    model.engine.start([ids[:16]])  # warm-up
+    prefill = min(prefill, model.context - decode - 1)
+    ids = [i * 7919 % (len(model.tokenizer) - 64) + 64 for i in range(max(prefill, prompt or 0))]
+    sync = torch.cuda.synchronize if model.engine.device == "cuda" and torch.cuda.is_available() else (lambda: None)
+
+    state, logits = model.engine.start([ids[:32]])  # warm-up: kernels, allocator, thread pools
+    for _ in range(4):
+        logits = model.engine.step(state, logits.argmax(-1))
+    sync()
     t = time.perf_counter()
-    state, logits = model.engine.start([ids])
+    state, logits = model.engine.start([ids[:prefill]])
+    sync()
     prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
+    if prompt is not None:
+        state, logits = model.engine.start([ids[:prompt]])
     tok = logits.argmax(-1)
+    sync()
+    t = time.perf_counter()
     for _ in range(decode):
         tok = model.engine.step(state, tok).argmax(-1)
+    sync()
     decode_s = time.perf_counter() - t
     return {
         "load_seconds": load_s,
-        "prefill_tokens_per_s": n / prefill_s,
+        "prefill_tokens_per_s": prefill / prefill_s,
         "decode_tokens_per_s": decode / decode_s,
-        "prefill_tokens": n,
+        "prefill_tokens": prefill,
+        "prompt_tokens": prefill if prompt is None else prompt,
         "decode_tokens": decode,
         "weight_bytes_in_memory": weight_bytes(model.engine, model.path),
         "peak_rss_bytes": peak_rss_self(),
     }
 
 
-def peak_rss_self() -> int:
-    """This process's peak resident set since its exec (VmHWM).
+def vm_hwm(pid: int | str = "self") -> int:
+    """A process's peak resident set since its exec (VmHWM, bytes); 0 where /proc cannot say.
 
     Not getrusage's ru_maxrss: Linux carries that across exec, so a child started from a parent
     holding 1 GB would report at least 1 GB whatever it did itself.
     """
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
+    except (OSError, ValueError):
+        pass  # not Linux, or the process is exiting
+    return 0
+
+
+def peak_rss_self() -> int:
+    return vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
 
 
 def weight_bytes(engine: Any, path: Path) -> int:
@@ -96,8 +114,11 @@ def weight_bytes(engine: Any, path: Path) -> int:
     return total
 
 
-def measure_in_child(path: Path | None, device: str) -> dict:
+def measure_in_child(path: Path | None, device: str, **options: int | str | None) -> dict:
+    """`measure` in a fresh process (options: prefill, decode, prompt, threads, dtype), so that
+    its peak RSS is this model's alone."""
     cmd = [sys.executable, "-m", "sc2quant.report", "--measure", str(path) if path else "", "--device", device]
+    cmd += [arg for k, v in options.items() if v is not None for arg in (f"--{k}", str(v))]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SC2QUANT_NO_PROGRESS": "1"})
     if done.returncode != 0:
         raise UserError(f"measuring {path} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'unknown'}")
@@ -242,5 +263,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="internal: measure one model's speed and memory")
     ap.add_argument("--measure", required=True)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prefill", type=int, default=PREFILL_TOKENS)
+    ap.add_argument("--decode", type=int, default=DECODE_TOKENS)
+    ap.add_argument("--prompt", type=int, help="decode after a fresh prompt of this length (default: after the prefill)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
-    print(json.dumps(measure(a.measure or None, a.device)))
+    print(json.dumps(measure(a.measure or None, a.device, a.prefill, a.decode, a.prompt, a.threads, a.dtype)))
