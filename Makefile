@@ -16,17 +16,17 @@ install-gpu:  ## the same with the CUDA builds of ONNX Runtime
 	$(PIP) -q -e ".[gpu,dev,bench]"
 
 test:  ## lint, then the whole test suite (slow tests included)
-	$(BIN)/ruff check sc2quant tests bench
+	$(BIN)/ruff check sc2quant tests bench tools
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check sc2quant tests bench
+	$(BIN)/ruff check sc2quant tests bench tools
 
 embedded-model:  ## retrain the embedded model (about 50 minutes on 2 cores)
-	$(BIN)/python -m sc2quant.embedded.train --force
+	$(BIN)/python -m tools.train_embedded --force
 
 calib-data:  ## rebuild calib_data/ from the machine's permissively licensed sources
-	$(BIN)/python -m sc2quant.data --rebuild
+	$(BIN)/python -m tools.build_calib_data
 
 bench:  ## sc2quant vs llama.cpp and transformers (~45 min on 2 cores the first time; needs cmake and a C++ compiler)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import llamacpp
-from sc2quant.console import console
+from sc2quant.core.console import console
 
 REFERENCE = {"cpu": "llama.cpp Q4_0", "cuda": "transformers bf16"}  # ratios are against this, within a round
 
@@ -36,8 +36,8 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
     """
     import importlib.util
 
-    from sc2quant.export_onnx import export_onnx
-    from sc2quant.quantize import QuantizeOptions, quantize
+    from sc2quant.export import export_onnx
+    from sc2quant.quant import QuantizeOptions, quantize
 
     work = workdir / f"{name}-{device}"
     work.mkdir(parents=True, exist_ok=True)

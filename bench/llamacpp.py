@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sc2quant.console import console
-from sc2quant.errors import UserError
+from sc2quant.core.console import console
+from sc2quant.core.errors import UserError
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is the peer
 CACHE = Path(__file__).parent / ".cache"

@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from sc2quant.console import console
-from sc2quant.loader import resolve_source
+from sc2quant.core.console import console
+from sc2quant.core.source import resolve_source
 
 # Real StarCoder2 proportions at about 300M parameters (head dim 64, 4:1 grouped KV heads, 4x MLP).
 SHAPE_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
@@ -50,7 +50,7 @@ def random_300m(workdir: Path, seed: int = 0) -> Path:
 
 def n_params(model_dir: Path) -> int:
     """Parameters from the model's shape, as `sc2quant inspect` counts them."""
+    from sc2quant.core.hf import read_config
     from sc2quant.footprint import counts, shape_from_config
-    from sc2quant.loader import read_config
 
     return counts(shape_from_config(read_config(model_dir))).p

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,11 @@ from bench import llamacpp, results
 from bench.bandwidth import decode_bound, onnx_bytes_read_per_token, read_bandwidth
 from bench.contenders import REFERENCE, Contender, build_all
 from bench.models import embedded, n_params, random_300m
-from sc2quant.console import console
-from sc2quant.errors import UserError
-from sc2quant.report import measure_in_child
+from sc2quant.core.console import console
+from sc2quant.core.errors import UserError
+from sc2quant.core.files import dir_bytes
+from sc2quant.core.system import cpu_caps, tool_versions
+from sc2quant.evaluate.speed import measure_in_child
 
 SPEED = {"prefill": 512, "prompt": 128, "decode": 128}  # the issue's workload
 EMULATED_BF16 = {"prefill": 128, "prompt": 128, "decode": 8}  # bf16 without hardware support: prefill ~4x slower
@@ -81,7 +81,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                   "round-to-nearest (`--method rtn`): same format, kernels and speed as GPTQ, without "
                                   "a Hessian solve that means nothing on random weights.")
         for c in contenders:
-            entry["contenders"][c.name] = {"runtime": c.runtime, "path": str(c.path), "bytes_on_disk": disk_bytes(c.path),
+            entry["contenders"][c.name] = {"runtime": c.runtime, "path": str(c.path), "bytes_on_disk": dir_bytes(c.path),
                                            "rounds": []}
         speed_rounds(contenders, entry, a.threads, a.rounds, a.device)
         if name == "embedded":
@@ -115,9 +115,7 @@ def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds:
 
 
 def _native_bf16() -> bool:
-    from sc2quant.engines.torch_engine import compute_dtype
-
-    return compute_dtype("cpu") == "bf16"
+    return cpu_caps().native_bf16
 
 
 def drift(contenders: list[Contender], model_dir: Path, entry: dict, threads: int, windows: int, device: str) -> None:
@@ -128,9 +126,9 @@ def drift(contenders: list[Contender], model_dir: Path, entry: dict, threads: in
     """
     import torch
 
-    from sc2quant.data import eval_documents
-    from sc2quant.loader import read_config
-    from sc2quant.metrics import compare, eval_sets
+    from sc2quant.core.data import eval_documents
+    from sc2quant.core.hf import read_config
+    from sc2quant.evaluate.metrics import compare, eval_sets
     from sc2quant.runtime import load
 
     torch.set_num_threads(threads)
@@ -138,10 +136,11 @@ def drift(contenders: list[Contender], model_dir: Path, entry: dict, threads: in
     base = load(model_dir, threads=threads, device=device)
     base_fn = lambda ids: base.logits(ids).float().cpu()  # noqa: E731
     sets = eval_sets(base.tokenizer, eval_documents(), seqlen=seqlen, max_windows=windows)
+    widened = base.engine.describe()["dtype"] == "float32"
     entry["drift_setup"] = {"seqlen": seqlen, "windows_per_source": windows, "sources": [s.name for s in sets],
                             "tokens": sum(int(s.windows.numel()) for s in sets),
                             "baseline": "the bf16 checkpoint in transformers" + (
-                                " (fp32 compute: bf16 weights are exact)" if base.engine.dtype == "fp32" else "")}
+                                " (fp32 compute: bf16 weights are exact)" if widened else "")}
     for c in contenders:
         if c.runtime == "transformers" or c.path == model_dir:
             continue  # the baseline itself
@@ -195,22 +194,10 @@ def rerender(json_file: Path, out: Path) -> Path:
     return results.write(result, out)
 
 
-def disk_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def machine(device: str = "cpu") -> dict[str, Any]:
-    cpu, flags = "unknown", ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
-        flags = next(ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni") if f in flags.split()]
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    out = {"cpu": cpu, "logical_cpus": os.cpu_count(), "simd": simd, "memory_bytes": mem, "os": platform.platform(),
-           "python": sys.version.split()[0]}
+    from sc2quant.core.system import machine as this_machine
+
+    out = this_machine()
     if device == "cuda":
         import torch
 
@@ -219,15 +206,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"llama-cpp-python (vendored llama.cpp)": llamacpp.VERSION}
-    for pkg in ("sc2quant", "torch", "transformers", "bitsandbytes", "gptqmodel", "onnxruntime", "onnxruntime-genai"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return {"llama-cpp-python (vendored llama.cpp)": llamacpp.VERSION, **tool_versions()}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Running a peer's tool (llama-bench) in a child process and reading its peak RSS. sc2quant's
-own contenders are measured by `sc2quant.report.measure_in_child`, one fresh process each."""
+own contenders are measured by `sc2quant.evaluate.speed.measure_in_child`, one fresh process each."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sc2quant.errors import UserError
-from sc2quant.report import vm_hwm
+from sc2quant.core.errors import UserError
+from sc2quant.core.system import vm_hwm
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, int]:

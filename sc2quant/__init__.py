@@ -1,16 +1,45 @@
-"""sc2quant: quantization and export toolkit for StarCoder2 code models."""
+"""sc2quant: quantization and export toolkit for StarCoder2 code models.
 
-from sc2quant.errors import IntegrityError, UserError
+The Python API mirrors the CLI: `load` (run any artifact), `quantize`, `export_onnx`, `report`.
+Where things are: README.md, section "Where things are".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sc2quant.core.errors import IntegrityError, UserError
 
 __version__ = "0.1.0"
-__all__ = ["IntegrityError", "UserError", "__version__"]
 
 
-def load(path=None, device: str = "cpu", verify: bool = True):
+def load(path: Any = None, device: str = "cpu", verify: bool = True, threads: int | None = None, dtype: str = "auto"):
     """Load an artifact or model directory for generation; see `sc2quant.runtime.load`."""
     from sc2quant.runtime import load as _load
 
-    return _load(path, device=device, verify=verify)
+    return _load(path, device=device, verify=verify, threads=threads, dtype=dtype)
 
 
-__all__ += ["load"]
+def quantize(model: Any = None, **options: Any):
+    """`sc2quant quantize` from Python: options as `sc2quant.quant.QuantizeOptions` names them."""
+    from sc2quant.quant import QuantizeOptions
+    from sc2quant.quant import quantize as _quantize
+
+    return _quantize(QuantizeOptions(model=None if model is None else str(model), **options))
+
+
+def export_onnx(model: Any = None, out: Any = None, **options: Any):
+    """`sc2quant export onnx` from Python; see `sc2quant.export.onnx.export_onnx`."""
+    from sc2quant.export import export_onnx as _export
+
+    return _export(model, out, **options)
+
+
+def report(artifacts: list[Any], **options: Any) -> dict[str, Any]:
+    """`sc2quant report` from Python; see `sc2quant.evaluate.report.report`."""
+    from sc2quant.evaluate.report import report as _report
+
+    return _report(artifacts, **options)
+
+
+__all__ = ["IntegrityError", "UserError", "__version__", "export_onnx", "load", "quantize", "report"]

@@ -6,8 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sc2quant import artifact
-from sc2quant.loader import read_config, resolve_source, safetensors_header, weight_files
+from sc2quant.core import artifact
+from sc2quant.core.files import dir_bytes, safetensors_header
+from sc2quant.core.hf import read_config, weight_files
+from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
+from sc2quant.core.source import resolve_source
+from sc2quant.core.tables import Table
 
 
 def stored_elements(files: list[Path]) -> dict[str, int]:
@@ -26,7 +30,7 @@ def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
     source = resolve_source(model)
     cfg = read_config(source.path)
     if artifact.is_artifact(source.path) and artifact.read_manifest(source.path).kind == "onnx":
-        files = sorted(p for p in source.path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
+        files = sorted(p for p in source.path.iterdir() if p.suffix in ONNX_WEIGHT_SUFFIXES)
     else:
         files = weight_files(source.path)
     from sc2quant.footprint import counts, shape_from_config
@@ -56,10 +60,27 @@ def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
         "stored_elements_by_dtype": by_dtype,
         "quantization": cfg.get("quantization_config"),
         "weight_files": [f.name for f in files],
-        "bytes_on_disk": artifact.dir_bytes(source.path),
+        "bytes_on_disk": dir_bytes(source.path),
     }
     if artifact.is_artifact(source.path):
         m = artifact.read_manifest(source.path)
         info["artifact"] = {"kind": m.kind, "method": m.method, "bits": m.bits, "group_size": m.group_size,
                             "source": m.source.get("id"), "created": m.created, "metrics": m.metrics}
     return info
+
+
+def table(info: dict[str, Any]) -> Table:
+    """`sc2quant inspect` as a two-column table."""
+    t = Table(["field", "value"], title=f"{info['architecture']}  ·  {info['source']['id']}")
+    for key, value in info["shape"].items():
+        t.add(key, str(value))
+    t.add("dtype", str(info["dtype"]))
+    t.add("parameters", f"{info['parameters']:,}")
+    t.add("bytes on disk", f"{info['bytes_on_disk']:,}")
+    if info.get("quantization"):
+        q = info["quantization"]
+        t.add("quantization", f"{q.get('quant_method')} {q.get('bits', '')}".strip())
+    if info.get("artifact"):
+        a = info["artifact"]
+        t.add("artifact", f"{a['kind']} / {a['method']} (from {a['source']})")
+    return t

@@ -13,12 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tokenizer(vocab_size: int = 512):
-    """A small byte-level BPE with StarCoder2's special tokens, trained on this repo's code."""
-    from sc2quant.embedded.train import train_tokenizer
+def make_tokenizer():
+    """The embedded model's tokenizer (8,192-token byte-level BPE with StarCoder2's special tokens)."""
+    from sc2quant.core.hf import load_tokenizer
+    from sc2quant.embedded import EMBEDDED_MODEL_DIR
 
-    texts = [p.read_text() for p in sorted((REPO / "sc2quant").rglob("*.py"))]
-    return train_tokenizer(texts, vocab_size)
+    return load_tokenizer(EMBEDDED_MODEL_DIR)
 
 
 def make_random_model(
@@ -84,7 +84,7 @@ def embedded_model_dir() -> Path:
 
 
 def quantize_to(out: Path, **options) -> Path:
-    from sc2quant.quantize import QuantizeOptions, quantize
+    from sc2quant.quant import QuantizeOptions, quantize
 
     return quantize(QuantizeOptions(out=str(out), **options))
 
@@ -122,9 +122,9 @@ def rtn_artifact(embedded_model_dir, artifacts_dir) -> Path:
 @pytest.fixture(scope="session")
 def eval_sets_small(embedded_model_dir):
     """A few windows of every evaluation source of calib_data (the same for every test)."""
-    from sc2quant.data import eval_documents
-    from sc2quant.loader import load_tokenizer
-    from sc2quant.metrics import eval_sets
+    from sc2quant.core.data import eval_documents
+    from sc2quant.core.hf import load_tokenizer
+    from sc2quant.evaluate.metrics import eval_sets
 
     return eval_sets(load_tokenizer(embedded_model_dir), eval_documents(), seqlen=256, max_windows=4)
 
@@ -148,13 +148,13 @@ def baseline_logits_fn(embedded_model_dir):
 
 @pytest.fixture(scope="session")
 def onnx_fp32_artifact(embedded_model_dir, artifacts_dir) -> Path:
-    from sc2quant.export_onnx import export_onnx
+    from sc2quant.export.onnx import export_onnx
 
     return export_onnx(None, artifacts_dir / "onnx-fp32", dtype="fp32", weights="fp")
 
 
 @pytest.fixture(scope="session")
 def onnx_int4_artifact(embedded_model_dir, artifacts_dir) -> Path:
-    from sc2quant.export_onnx import export_onnx
+    from sc2quant.export.onnx import export_onnx
 
     return export_onnx(None, artifacts_dir / "onnx-int4", dtype="fp32", weights="int4", block_size=32)

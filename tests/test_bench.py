@@ -55,7 +55,7 @@ def test_child_peak_rss_is_the_childs_own():
 
 
 def test_failing_child_is_one_clear_error():
-    from sc2quant.errors import UserError
+    from sc2quant.core.errors import UserError
 
     with pytest.raises(UserError, match="boom"):
         run_child([sys.executable, "-c", "raise SystemExit('boom')"])

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sc2quant.metrics import compare
+from sc2quant.evaluate.metrics import compare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def windows(embedded_model_dir):
-    from sc2quant.data import eval_documents
-    from sc2quant.loader import load_tokenizer
-    from sc2quant.metrics import eval_sets
+    from sc2quant.core.data import eval_documents
+    from sc2quant.core.hf import load_tokenizer
+    from sc2quant.evaluate.metrics import eval_sets
 
     return eval_sets(load_tokenizer(embedded_model_dir), eval_documents(), seqlen=256, max_windows=2)
 
@@ -45,8 +45,8 @@ def test_bf16_on_cuda_matches_fp32_on_cpu(embedded_model_dir, windows, cpu_fp32)
 @pytest.mark.parametrize("bits,quant_type,kl_max", [(8, "nf4", 2e-3), (4, "nf4", 2e-2), (4, "fp4", 3e-2)])
 def test_bnb_on_cuda_quantizes_loads_and_drifts_little(embedded_model_dir, tmp_path, windows, cpu_fp32, bits, quant_type,
                                                        kl_max):
-    from sc2quant import artifact
-    from sc2quant.quantize import QuantizeOptions, quantize
+    from sc2quant.core import artifact
+    from sc2quant.quant import QuantizeOptions, quantize
     from sc2quant.runtime import load
 
     out = quantize(QuantizeOptions(model=str(embedded_model_dir), out=str(tmp_path / "a"), method="bnb", bits=bits,
@@ -60,7 +60,7 @@ def test_bnb_on_cuda_quantizes_loads_and_drifts_little(embedded_model_dir, tmp_p
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
 def test_gptq_on_cuda_quantizes_and_loads(embedded_model_dir, tmp_path, windows, cpu_fp32):
-    from sc2quant.quantize import QuantizeOptions, quantize
+    from sc2quant.quant import QuantizeOptions, quantize
     from sc2quant.runtime import load
 
     out = quantize(QuantizeOptions(model=str(embedded_model_dir), out=str(tmp_path / "g"), method="gptq", bits=4,
@@ -77,7 +77,7 @@ def test_gptq_on_cuda_quantizes_and_loads(embedded_model_dir, tmp_path, windows,
 def test_onnx_fp16_on_cuda_provider(embedded_model_dir, tmp_path, windows, cpu_fp32):
     import onnxruntime as ort
 
-    from sc2quant.export_onnx import export_onnx
+    from sc2quant.export.onnx import export_onnx
     from sc2quant.runtime import load
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sc2quant import footprint as fp
-from sc2quant.errors import UserError
+from sc2quant.core.errors import UserError
 from tests.conftest import make_random_model
 
 # hidden 192 / 6 heads: q_proj has 576 absmax blocks, so nested double-quant blocks do not divide evenly
@@ -193,7 +193,7 @@ def offset_text_correction(model, quant_type: str) -> int:
 def test_bnb_bytes_are_measured_exactly(small_dir: Path, small_shape: fp.Shape, method: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from sc2quant.console import quiet_libraries
+    from sc2quant.core.console import quiet_libraries
 
     quiet_libraries()
     model = AutoModelForCausalLM.from_pretrained(small_dir, quantization_config=bnb_config(method), device_map="cpu")

@@ -1,7 +1,7 @@
 """Bad input across the CLI: one clear line, exit status 2, no traceback, nothing written.
 
 (The Python API raises `UserError` for the same cases; the server's 4xx cases are in
-tests/test_server.py; simulated read-only and full-disk locations in tests/test_artifact.py.)
+tests/runtime/test_server.py; simulated read-only and full-disk locations in tests/core/test_artifact.py.)
 """
 
 from __future__ import annotations

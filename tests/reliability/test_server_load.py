@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.test_server import start_server
+from tests.runtime.test_server import start_server
 
 pytestmark = pytest.mark.slow
 REQUESTS, CLIENTS, BUDGET_S = 200, 16, 300

@@ -1,0 +1,12 @@
+"""The command line: `sc2quant <verb>`, one module per verb, each only parsing flags and calling
+the verb's library function. Importing this package registers every verb on `app`."""
+
+from sc2quant.cli import export, footprint, inspect, quantize, report, run, serve  # noqa: F401  (registration)
+from sc2quant.cli.common import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

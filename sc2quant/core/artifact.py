@@ -1,0 +1,231 @@
+"""The sc2quant artifact: a directory of weights plus the manifest `sc2quant.json`.
+
+This module is the only place that knows the layout. It writes artifacts atomically (into
+a temporary sibling directory renamed into place when complete), records sha256 of every
+file, and verifies them on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sc2quant.core.errors import IntegrityError, UserError
+from sc2quant.core.files import read_json, sha256_file
+from sc2quant.core.names import KINDS, WEIGHT_SUFFIXES
+from sc2quant.core.system import tool_versions
+
+MANIFEST_NAME = "sc2quant.json"
+FORMAT_NAME = "sc2quant-artifact"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".sc2quant-tmp-"
+GENAI_CONFIG = "genai_config.json"  # an ONNX artifact's description of its graph (onnxruntime-genai's format)
+
+
+@dataclass
+class Manifest:
+    kind: str  # hf | bnb | gptq | rtn | onnx: decides which engine loads it
+    method: str  # e.g. "bf16", "bnb-int8", "bnb-nf4", "gptq", "rtn", "onnx-int4"
+    bits: int | None = None
+    group_size: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    source: dict[str, Any] = field(default_factory=dict)  # id, kind, sha256 of its weights
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256, bytes
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+
+
+def source_identity(source_id: str, kind: str, path: Path) -> dict[str, Any]:
+    """Who the weights came from: id plus sha256 of each weight file (so drift is traceable)."""
+    weights = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES and p.is_file()}
+    ident: dict[str, Any] = {"id": source_id, "kind": kind, "weights_sha256": weights}
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file():  # an artifact made from an artifact: keep the chain
+        with contextlib.suppress(json.JSONDecodeError):
+            ident["manifest"] = {k: json.loads(manifest.read_text()).get(k) for k in ("kind", "method", "bits", "source")}
+    return ident
+
+
+def check_output_path(out: Path, force: bool) -> None:
+    """Refuse to clobber: an existing output is replaced only with force, and never a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a directory path")
+    if out.exists() and not force:
+        raise UserError(f"output directory {out} already exists: choose another --out or pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write into {parent} (permission denied): choose a writable --out")
+
+
+def clean_stale_tmp(parent: Path) -> None:
+    """Remove temporary directories left by killed runs (their owner pid is gone)."""
+    if not parent.is_dir():
+        return
+    for tmp in parent.glob(TMP_PREFIX + "*"):
+        pid_file = tmp / ".pid"
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+            continue  # owner still running
+        except (OSError, ValueError):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success the caller has called `commit`.
+
+    On any exception or SIGINT the temporary directory is removed and nothing appears at
+    `out`. After SIGKILL the directory stays, marked with the dead pid, and the next run
+    removes it.
+    """
+    out = Path(out)
+    check_output_path(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + out.name + "-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot create a directory next to {out} ({exc.strerror}): choose a writable --out") from exc
+    (tmp / ".pid").write_text(str(os.getpid()))
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == 28:  # ENOSPC
+            raise UserError(f"the disk is full while writing {out}: free space and run again (nothing was written)") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Manifest:
+    """Checksum every file in `tmp`, write the manifest, then rename `tmp` to `out`."""
+    (tmp / ".pid").unlink(missing_ok=True)  # staging bookkeeping, not part of the artifact
+    manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
+    manifest.tools = manifest.tools or tool_versions()
+    manifest.files = {
+        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    publish(tmp, out, force)
+    return manifest
+
+
+def publish(tmp: Path, out: Path, force: bool = False) -> None:
+    """Make a finished staging directory readable and rename it to `out` (replacing it with force)."""
+    (tmp / ".pid").unlink(missing_ok=True)
+    os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make files private; outputs are ordinary files
+    for p in tmp.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    if out.exists():
+        if not force:
+            raise UserError(f"output directory {out} appeared while writing: choose another --out or pass --force")
+        trash = out.with_name(f"{TMP_PREFIX}old-{out.name}-{int(time.time())}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of an artifact, its shape checked (a hand-edited manifest is refused, not trusted)."""
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise UserError(f"{path} has no {MANIFEST_NAME}: it is not an sc2quant artifact")
+    data = read_json(file, "the artifact is damaged; recreate it", IntegrityError)
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("kind") not in KINDS:
+        raise IntegrityError(f"{file} is not an sc2quant manifest (format/kind unknown): recreate the artifact")
+    files = data.get("files")
+    entries_ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+        and not isinstance(e.get("bytes"), bool) for e in files.values())
+    if not entries_ok:
+        raise IntegrityError(f"{file} has a malformed 'files' table (each file needs its sha256 and bytes): "
+                             "recreate the artifact")
+    for key, kind in (("params", dict), ("source", dict), ("metrics", dict), ("tools", dict)):
+        if not isinstance(data.get(key, {}), kind):
+            raise IntegrityError(f"{file} has a malformed '{key}' entry: recreate the artifact")
+    return Manifest.from_dict(data)
+
+
+def is_artifact(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
+    """Check every listed file's size and sha256, and that no unlisted weight file exists."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    root = path.resolve()
+    for name, entry in manifest.files.items():
+        file = (path / name).resolve()
+        if root not in file.parents:
+            raise IntegrityError(f"manifest of {path} points outside the artifact ({name}): refusing to load it")
+        if not file.is_file():
+            raise IntegrityError(f"{path} is incomplete: {name} is missing; recreate the artifact")
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            raise IntegrityError(f"{name} in {path} does not match its checksum (modified or truncated): "
+                                 "recreate the artifact, or load with verify=False")
+    for file in path.rglob("*"):
+        rel = file.relative_to(path).as_posix()
+        if file.is_file() and file.suffix in WEIGHT_SUFFIXES and rel not in manifest.files:
+            raise IntegrityError(f"{path} holds an unexpected weight file {rel} not in its manifest: remove it")
+    return manifest
+
+
+def update_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Merge measured metrics into an artifact's manifest (written atomically)."""
+    manifest = read_manifest(path)
+    manifest.metrics.update(metrics)
+    tmp = Path(path) / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(manifest.to_json())
+    tmp.replace(Path(path) / MANIFEST_NAME)
+
+
+def read_genai_config(path: Path) -> dict[str, Any]:
+    """genai_config.json of an ONNX export: what the ONNX engine and onnxruntime-genai read."""
+    file = Path(path) / GENAI_CONFIG
+    if not file.is_file():
+        raise UserError(f"{path} has no {GENAI_CONFIG}: it is not an ONNX export (run `sc2quant export onnx`)")
+    data = read_json(file, "re-export the model")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or "decoder" not in data["model"]:
+        raise UserError(f"{file} does not describe a decoder: re-export the model")
+    return data

@@ -1,0 +1,87 @@
+"""YAML recipes: named sets of options for a verb. CLI flags override recipe values.
+
+A recipe is a flat mapping of option names (as in the CLI, `-` or `_`) to values, plus an
+optional `description`. Unknown keys and wrong value types are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sc2quant.core.errors import UserError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_RECIPES = PACKAGE_ROOT / "recipes"  # inside an installed wheel
+REPO_RECIPES = PACKAGE_ROOT.parent / "recipes"  # in a checkout
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A path, or the name of a shipped recipe (`bnb-nf4` finds recipes/bnb-nf4.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in (REPO_RECIPES, PACKAGE_RECIPES):
+        for candidate in (folder / str(name), folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    shipped = sorted(p.stem for p in REPO_RECIPES.glob("*.yaml")) if REPO_RECIPES.is_dir() else []
+    raise UserError(f"recipe '{name}' not found: pass a YAML file path or one of: {', '.join(shipped)}")
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(t, value) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_accepts(typing.get_args(tp)[0], v) for v in value)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def load_recipe(name: str | Path, options_type: type) -> dict[str, Any]:
+    """Read and validate a recipe against the fields of a dataclass of options."""
+    path = find_recipe(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of option: value")
+    hints = typing.get_type_hints(options_type)
+    fields = {f.name for f in dataclasses.fields(options_type)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name_ = str(key).replace("-", "_")
+        if name_ == "description":
+            continue
+        if name_ not in fields:
+            raise UserError(f"recipe {path.name}: unknown key '{key}'; allowed keys: {', '.join(sorted(fields))}")
+        if not _accepts(hints[name_], value):
+            raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {value!r}, "
+                            f"expected {_type_name(hints[name_])}")
+        out[name_] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def merge(options_type: type, recipe: str | Path | None, overrides: dict[str, Any]):
+    """Defaults < recipe < explicit flags (flags left at None are 'not given')."""
+    values = load_recipe(recipe, options_type) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return options_type(**values)

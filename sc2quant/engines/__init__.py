@@ -1,1 +1,0 @@
-"""Engines: one per artifact kind, all following `sc2quant.engines.base.Engine`."""

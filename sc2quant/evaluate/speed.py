@@ -1,0 +1,79 @@
+"""Speed and memory of one model, measured in a fresh process so its peak RSS is its own.
+
+`measure` loads a model, warms it up, times a prefill and greedy decode steps through the
+engine protocol; `measure_in_child` runs it in a spawned interpreter (not a fork: a fork would
+carry this process's memory and threads along). `sc2quant report` and the bench both use it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sc2quant.core.system import peak_rss_self
+
+PREFILL_TOKENS = 512
+DECODE_TOKENS = 64
+
+
+def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL_TOKENS, decode: int = DECODE_TOKENS,
+            prompt: int | None = None, threads: int | None = None, dtype: str = "auto",
+            verify: bool = True) -> dict[str, Any]:
+    """Load one model, warm up, time a `prefill`-token prompt, then `decode` greedy steps: after
+    that prompt, or after a fresh `prompt`-token one. Token ids are deterministic and free of
+    special tokens."""
+    from sc2quant.runtime import load
+
+    t0 = time.perf_counter()
+    model = load(path, device=device, threads=threads, dtype=dtype, verify=verify)
+    load_s = time.perf_counter() - t0
+    engine = model.engine
+    prefill = min(prefill, model.context - decode - 1)
+    ids = [i * 7919 % (len(model.tokenizer) - 64) + 64 for i in range(max(prefill, prompt or 0))]
+    sync = torch.cuda.synchronize if engine.device == "cuda" else (lambda: None)
+
+    state, logits = engine.start([ids[:32]])  # warm-up: kernels, allocator, thread pools
+    for _ in range(4):
+        logits = engine.step(state, logits.argmax(-1))
+    sync()
+    t = time.perf_counter()
+    state, logits = engine.start([ids[:prefill]])
+    sync()
+    prefill_s = time.perf_counter() - t
+    if prompt is not None:
+        state, logits = engine.start([ids[:prompt]])
+    tok = logits.argmax(-1)
+    sync()
+    t = time.perf_counter()
+    for _ in range(decode):
+        tok = engine.step(state, tok).argmax(-1)
+    sync()
+    decode_s = time.perf_counter() - t
+    return {
+        "load_seconds": load_s,
+        "prefill_tokens_per_s": prefill / prefill_s,
+        "decode_tokens_per_s": decode / decode_s,
+        "prefill_tokens": prefill,
+        "prompt_tokens": prefill if prompt is None else prompt,
+        "decode_tokens": decode,
+        "weight_bytes_in_memory": engine.weight_bytes(),
+        "peak_rss_bytes": peak_rss_self(),
+        "engine": engine.describe(),
+    }
+
+
+def _child_setup() -> None:
+    os.environ["SC2QUANT_NO_PROGRESS"] = "1"
+
+
+def measure_in_child(path: str | Path | None, device: str = "cpu", **options: Any) -> dict[str, Any]:
+    """`measure` in a freshly spawned process (options as `measure` takes them)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_setup) as pool:
+        return pool.submit(measure, str(path) if path else None, device, **options).result()

@@ -1,0 +1,242 @@
+"""`sc2quant export onnx`: a StarCoder2 model or GPTQ artifact as an ONNX Runtime decoder.
+
+The graph comes from onnxruntime-genai's model builder (see `sc2quant.export.onnx_builder`): fused
+GroupQueryAttention with rotary and the model's sliding window, fused LayerNorms, a KV cache,
+int4 `MatMulNBits` on request, weights in external data. The output directory runs in plain
+onnxruntime (`sc2quant.runtime.engines.onnx_engine.OnnxEngine`) and in onnxruntime-genai (`genai_config.json`).
+Every graph is checked (`sc2quant.export.onnx_graph.check_graph`) before the artifact is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sc2quant.core import artifact
+from sc2quant.core.console import console, progress, quiet_libraries
+from sc2quant.core.errors import UserError
+from sc2quant.core.files import dir_bytes
+from sc2quant.core.hf import check_tokenizer, read_config, weight_files
+from sc2quant.core.names import Method
+from sc2quant.core.source import ModelSource, resolve_source
+
+DTYPES = ("fp32", "fp16")
+WEIGHTS = ("fp", "int4")
+BLOCK_SIZES = (32, 64, 128)
+DEVICES = ("cpu", "cuda")
+GPTQ_BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes MatMulNBits accepts
+LM_HEADS = ("int4", "int8", "float")
+
+
+def export_onnx(
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    dtype: str = "fp32",
+    weights: str = "fp",
+    block_size: int = 32,
+    symmetric: bool = True,
+    device: str = "cpu",
+    force: bool = False,
+    lm_head: str | None = None,
+) -> Path:
+    """Export `model` (directory, hub id, artifact, or None for the embedded model) to `out`.
+
+    dtype: activations, KV cache and logits (fp32, or fp16 which also runs on the CPU EP but is
+    meant for CUDA); weights: "fp" (same dtype) or "int4" (MatMulNBits, `block_size`, symmetric
+    or with zero points). A GPTQ checkpoint keeps its own int4 weights, group size and zeros.
+    lm_head (int4 weights only): "int4" (tied with the embedding), "int8", or "float"; default
+    int4, or float for a GPTQ checkpoint (which leaves its lm_head unquantized).
+    """
+    _check_options(dtype, weights, block_size, device)
+    if lm_head not in (None, *LM_HEADS):
+        raise UserError(f"unknown --lm-head '{lm_head}': choose one of {', '.join(LM_HEADS)}")
+    quiet_libraries()
+    source = resolve_source(model)
+    config = read_config(source.path)
+    gptq = _check_source(source, config)
+    if gptq is not None:
+        weights, block_size, symmetric = _gptq_settings(gptq, weights, block_size, symmetric)
+    check_tokenizer(source.path)
+    out = Path(out) if out else default_out(source, dtype, weights, block_size, symmetric)
+    if lm_head is not None and weights != "int4":
+        raise UserError("--lm-head applies to int4 exports only: add --weights int4 or drop --lm-head")
+    opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or ("float" if gptq else "int4"))
+    started = time.monotonic()
+    with artifact.staging(out, force) as tmp:
+        facts = _build(source, config, tmp, opts)
+        shutil.copy2(source.path / "config.json", tmp / "config.json")  # the engine's `config`
+        method = _method(dtype, weights, block_size, symmetric)
+        manifest = artifact.Manifest(
+            kind=method.kind,
+            method=method.label,
+            bits=4 if weights == "int4" else int(dtype[2:]),
+            group_size=block_size if weights == "int4" else None,
+            params=_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts,
+                           time.monotonic() - started),
+            source=artifact.source_identity(source.id, source.kind, source.path),
+        )
+        with console.status("writing checksums"):
+            artifact.commit(tmp, out, manifest, force)
+    console.print(f"[green]exported[/] {source.id} -> {out} ({manifest.method}, "
+                  f"window {facts['local_window_size']}, {dir_bytes(out) / 2**20:.1f} MiB)")
+    return out
+
+
+def _method(dtype: str, weights: str, block_size: int, symmetric: bool) -> Method:
+    if weights == "int4":
+        return Method("onnx", 4, block_size, sym=symmetric, dtype=dtype)
+    return Method("onnx", dtype=dtype)
+
+
+def default_out(source: ModelSource, dtype: str, weights: str, block_size: int = 32, symmetric: bool = True) -> Path:
+    """out/<model>-<method>: <model> is "embedded", the directory name, or the hub name."""
+    return Path("out") / f"{source.short_name}-{_method(dtype, weights, block_size, symmetric).label}"
+
+
+def _check_options(dtype: str, weights: str, block_size: int, device: str) -> None:
+    if dtype == "bf16":
+        raise UserError("bf16 ONNX graphs do not run on ONNX Runtime's CPU execution provider: "
+                        "use --dtype fp32 (CPU) or --dtype fp16 (CUDA)")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown weights '{weights}': choose fp (same as --dtype) or int4")
+    if block_size not in BLOCK_SIZES:
+        raise UserError(f"block size {block_size} is not supported: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if device not in DEVICES:
+        raise UserError(f"unknown device '{device}': choose cpu or cuda")
+    if device == "cuda" and dtype == "fp32":
+        # CUDA's GroupQueryAttention has no fp32 kernel; the builder would fall back to an
+        # attention op without the sliding window.
+        raise UserError("GroupQueryAttention on CUDA needs fp16: use --dtype fp16 with --device cuda")
+
+
+def _check_source(source: ModelSource, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse what cannot be exported faithfully; return the GPTQ config of a GPTQ source."""
+    if artifact.is_artifact(source.path):
+        manifest = artifact.verify(source.path)
+        if manifest.kind == "onnx":
+            raise UserError(f"{source.id} is already an ONNX export: export its source model instead")
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "bitsandbytes":
+        raise UserError(f"{source.id} is a bitsandbytes checkpoint, which ONNX Runtime cannot run (no kernels for "
+                        "its int8/nf4/fp4 formats): quantize with GPTQ (`sc2quant quantize --method gptq`) and export "
+                        "that, or export the original model with --weights int4")
+    if method not in (None, "gptq"):
+        raise UserError(f"{source.id} is a '{method}' checkpoint: only plain and GPTQ checkpoints can be "
+                        "exported to ONNX")
+    weight_files(source.path)
+    if method == "gptq":
+        _check_gptq(source, quant)
+        return quant
+    return None
+
+
+def _check_gptq(source: ModelSource, quant: dict[str, Any]) -> None:
+    """What the GPTQ -> MatMulNBits carry-over supports: GPTQ v1, 4 bits, groups in input order."""
+    where = f"{source.id} (GPTQ)"
+    if quant.get("bits") != 4:
+        raise UserError(f"{where} has {quant.get('bits')}-bit weights: only 4-bit GPTQ can be exported to ONNX int4")
+    if quant.get("checkpoint_format", "gptq") != "gptq":
+        raise UserError(f"{where} is stored as '{quant.get('checkpoint_format')}', not GPTQ v1: re-save it as v1 "
+                        "(GPTQModel's default) and export again")
+    if quant.get("desc_act"):
+        raise UserError(f"{where} was quantized with act-order (desc_act): its groups are not contiguous, which "
+                        "MatMulNBits on the CPU cannot run; re-quantize with act_order false")
+    if quant.get("lm_head"):
+        raise UserError(f"{where} has a quantized lm_head, which this exporter does not carry over: "
+                        "re-quantize without lm_head quantization")
+    if quant.get("group_size") not in GPTQ_BLOCK_SIZES:
+        raise UserError(f"{where} has group size {quant.get('group_size')}: MatMulNBits needs a block of "
+                        f"{', '.join(map(str, GPTQ_BLOCK_SIZES))}; re-quantize with --group-size 128")
+    _check_g_idx(source.path, int(quant["group_size"]))
+
+
+def _check_g_idx(path: Path, group_size: int) -> None:
+    """act-order can also be hidden in g_idx; MatMulNBits needs group k // group_size for input k."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as st:
+            for name in (k for k in st.keys() if k.endswith(".g_idx")):
+                g_idx = st.get_tensor(name)
+                if not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // group_size):
+                    raise UserError(f"{path.name}: {name} reorders input channels (act-order), which MatMulNBits "
+                                    "on the CPU cannot run: re-quantize with act_order false")
+
+
+def _gptq_settings(quant: dict[str, Any], weights: str, block_size: int, symmetric: bool) -> tuple[str, int, bool]:
+    group, sym = int(quant["group_size"]), bool(quant.get("sym", True))
+    if (weights, block_size, symmetric) != ("int4", group, sym):
+        console.print(f"GPTQ checkpoint: carrying its int4 weights over as they are (group {group}, "
+                      f"{'symmetric' if sym else 'with zero points'}); --weights/--block-size/--symmetric do not apply")
+    return "int4", group, sym
+
+
+def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, lm_head: str):
+    from sc2quant.export.onnx_builder import BuildOptions
+
+    return BuildOptions(
+        precision="int4" if weights == "int4" else dtype,
+        io_dtype=dtype,
+        ep=device,
+        block_size=block_size,
+        symmetric=symmetric,
+        lm_head=lm_head if weights == "int4" else "float",
+    )
+
+
+def _build(source: ModelSource, config: dict[str, Any], tmp: Path, opts: Any) -> dict[str, Any]:
+    """Run the builder with progress, then check the graph and genai_config before anything is kept."""
+    import onnx
+
+    from sc2quant.export import onnx_builder
+    from sc2quant.export.onnx_graph import check_genai_config, check_graph
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    layers = int(config["num_hidden_layers"])
+    with progress() as bar:
+        task = bar.add_task(f"loading {source.path.name}", total=None)
+
+        def on_layer(layer_id: int) -> None:
+            bar.update(task, description="building layers", total=layers, completed=layer_id + 1)
+
+        def on_stage(stage: str) -> None:  # "save": int4 quantizes the lm_head, then writes everything
+            bar.update(task, description="quantizing lm_head, saving" if "int4" in opts.precision else "saving",
+                       total=None)
+
+        onnx_builder.build(source.path, tmp, opts, on_stage=on_stage, on_layer=on_layer)
+        bar.update(task, description="checking graph", total=1, completed=0)
+        proto = onnx.load(str(tmp / onnx_builder.MODEL_FILE), load_external_data=False)
+        facts = check_graph(proto, config)
+        check_genai_config(artifact.read_genai_config(tmp), config, facts)
+        bar.update(task, completed=1)
+    return facts
+
+
+def _params(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, opts: Any,
+            gptq: dict[str, Any] | None, facts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "dtype": dtype,
+        "weights": weights,
+        "block_size": block_size if weights == "int4" else None,
+        "symmetric": symmetric if weights == "int4" else None,
+        "device": device,
+        "execution_provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
+        "exporter": "onnxruntime-genai model builder + sc2quant.export.onnx_builder",
+        "kv_cache": "full-length, past/present share one buffer",
+        "lm_head": {"int4": "int4, shared with the embedding (GatherBlockQuantized)",
+                    "int8": "int8 (MatMulNBits), embedding float",
+                    "float": "float, shared with the embedding"}[opts.lm_head],
+        "graph": facts,
+        "seconds": round(seconds, 1),
+    }
+    if gptq is not None:
+        params["from_gptq"] = {k: gptq.get(k) for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format")}
+    return json.loads(json.dumps(params))  # plain JSON types only

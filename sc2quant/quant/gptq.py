@@ -1,0 +1,87 @@
+"""GPTQ with GPTQModel (AutoGPTQ's maintained successor), saved as a standard GPTQ v1 checkpoint.
+
+GPTQModel processes one decoder layer at a time. The checkpoint is what transformers, optimum,
+vLLM and ONNX export read (artifact kind "gptq", loaded back by the runtime's torch engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sc2quant.core.errors import UserError
+from sc2quant.core.hf import contained_gptqmodel_import, load_tokenizer
+from sc2quant.core.names import Method
+from sc2quant.core.source import ModelSource
+from sc2quant.core.system import peak_rss_self
+from sc2quant.quant.base import QuantizeOptions, Quantizer
+
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def check_group_size(group_size: int, config: dict[str, Any]) -> None:
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    if group_size != -1 and (group_size <= 0 or hidden % group_size or intermediate % group_size):
+        raise UserError(f"group size {group_size} does not divide the input features ({hidden} and {intermediate}): "
+                        "use a divisor such as 32, 64 or 128, or -1 for one group per row")
+
+
+class GptqQuantizer(Quantizer):
+    name = "gptq"
+    kind = "gptq"
+    options = ("bits", "group_size", "act_order", "sym", "damp", "calib", "calib_samples", "calib_seqlen", "seed")
+
+    def validate(self, opts: QuantizeOptions, config: dict[str, Any]) -> None:
+        if opts.bits not in GPTQ_BITS:
+            raise UserError(f"GPTQ supports {', '.join(map(str, GPTQ_BITS))} bits, not {opts.bits}: "
+                            "use --bits 4 (or 8)")
+        check_group_size(opts.group_size, config)
+        if not (isinstance(opts.damp, (int, float)) and math.isfinite(opts.damp) and 0 < opts.damp < 1):
+            raise UserError(f"--damp {opts.damp} is not a dampening fraction: use a number between 0 and 1 "
+                            "(0.01 is the usual value)")
+        if opts.calib_seqlen > config["max_position_embeddings"]:
+            raise UserError(f"calibration sequence length {opts.calib_seqlen} exceeds the model's context "
+                            f"{config['max_position_embeddings']}: lower --calib-seqlen")
+
+    def method(self, opts: QuantizeOptions) -> Method:
+        return Method("gptq", opts.bits, opts.group_size, sym=opts.sym)
+
+    def prepare(self, opts: QuantizeOptions, source: ModelSource, config: dict[str, Any]) -> tuple[Any, dict | None]:
+        from sc2quant.core.data import calibration_samples
+
+        return calibration_samples(load_tokenizer(source.path), opts.calib, opts.calib_samples, opts.calib_seqlen,
+                                   opts.seed)
+
+    def run(self, opts: QuantizeOptions, source: ModelSource, tmp: Path, prepared: Any, device: str) -> dict[str, Any]:
+        """Calibrate and quantize layer by layer; save the GPTQ v1 checkpoint into `tmp`."""
+        with contained_gptqmodel_import():
+            from gptqmodel import GPTQModel, QuantizeConfig
+
+            qcfg = QuantizeConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.act_order, sym=opts.sym,
+                                  damp_percent=opts.damp)
+            model = GPTQModel.load(str(source.path), qcfg, device=device, trust_remote_code=False)
+            calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prepared]
+            target = tmp.resolve()  # before chdir: `tmp` may be relative to the user's folder
+            # GPTQModel writes logs/ into the working directory: keep it out of the user's folder
+            with tempfile.TemporaryDirectory(prefix="sc2quant-gptq-") as scratch, contextlib.chdir(scratch):
+                log = model.quantize(calib, batch_size=8)
+                model.save(str(target))
+        (tmp / "quant_log.csv").unlink(missing_ok=True)  # GPTQModel's side file; the manifest keeps the losses
+        config = json.loads((tmp / "config.json").read_text())
+        return {"layer_errors": _layer_errors(log), "peak_rss_bytes": peak_rss_self(),
+                "quantization_config": config.get("quantization_config", {})}
+
+
+def _layer_errors(log: Any) -> list[dict[str, Any]]:
+    """GPTQModel's per-module log (layer, module, loss) in a stable, JSON-friendly form."""
+    groups = log.values() if isinstance(log, dict) else [log or []]
+    rows = []
+    for group in groups:
+        for entry in group or []:
+            if isinstance(entry, dict) and "module" in entry:
+                rows.append({k: entry[k] for k in ("layer", "module", "loss", "samples", "damp") if k in entry})
+    return rows

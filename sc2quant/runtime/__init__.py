@@ -1,0 +1,7 @@
+"""The runtime: `load` an artifact and generate (`Model.stream_generate`, `generate`, `stream`,
+`infill`), engines registered per artifact kind, and the OpenAI-compatible server built on the
+public API only. Nothing here imports the quantization or export code."""
+
+from sc2quant.runtime.model import Chunk, Model, Sampling, load
+
+__all__ = ["Chunk", "Model", "Sampling", "load"]

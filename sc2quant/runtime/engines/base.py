@@ -1,0 +1,58 @@
+"""The one engine protocol. Every artifact kind is served by an engine registered for it in
+`sc2quant.runtime.engines.ENGINES`; engines only compute logits. Sampling, stop strings,
+streaming and fill-in-the-middle live in `sc2quant.runtime.model`, written once for all.
+
+Threads are handled the same way for every engine: `sc2quant.runtime.load` sets torch's
+thread count for the process and passes the same count to the engine (ONNX Runtime's
+session uses it for its intra-op pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "cpu"  # cpu, cuda or auto
+    threads: int | None = None  # intra-op threads (None: the library's default)
+    dtype: str = "auto"  # compute dtype where the engine has a choice (see sc2quant.core.hf.compute_policy)
+    profile_dir: Path | None = None  # write the runtime's operator profile here (ONNX Runtime)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # "torch", "onnx"
+    kind: str  # artifact kind served (see sc2quant.core.names.KINDS)
+    device: str  # resolved: "cpu" or "cuda"
+    config: dict[str, Any]  # the model's HF config.json
+    tokenizer: Any  # a transformers tokenizer
+    context: int  # the longest sequence (prompt + generated tokens) the engine accepts
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward without cache: input_ids [B, T] (right-padded) -> float32 logits [B, T, V] on CPU."""
+        ...
+
+    def start(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+        """Prefill prompts of different lengths; return (cache state, float32 logits [B, V] of each last token)."""
+        ...
+
+    def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (tokens [B]) to the cache; return float32 logits [B, V]."""
+        ...
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights the engine holds (quantization metadata included, shared storage once)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What computes: engine, kind, device, dtype, threads, kernel choices (for reports and logs)."""
+        ...
+
+    def end_profiling(self) -> Path | None:
+        """Stop the operator profile started by EngineOptions.profile_dir; its trace file (None: no profile)."""
+        ...

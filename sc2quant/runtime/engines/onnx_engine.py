@@ -1,0 +1,192 @@
+"""OnnxEngine: runs an `sc2quant export onnx` directory in plain onnxruntime (CPU or CUDA EP).
+
+The graph's GroupQueryAttention shares its past and present KV buffers: each layer's cache
+is one buffer of the model's context length, allocated once per batch and bound as both input
+and output through IO binding; the op writes the new token's keys/values into it in place and
+attends to the last `sliding_window` positions only. Nothing is copied between steps except
+the new token ids, the attention mask and the logits (into a reused buffer).
+
+Batches are right-padded: row b's tokens sit at positions 0..len_b-1, and the attention mask
+only tells the graph each row's length (GQA's seqlens_k = mask.sum - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sc2quant.core.artifact import read_genai_config
+from sc2quant.core.errors import UserError
+from sc2quant.core.files import read_json
+from sc2quant.core.hf import load_tokenizer
+from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
+from sc2quant.runtime.engines.base import EngineOptions
+
+
+@dataclass
+class OnnxState:
+    """A batch being decoded: tokens seen per row, the per-layer cache buffers, the IO binding."""
+
+    lengths: list[int]
+    buffers: dict[str, Any]  # past name -> OrtValue (also bound as the matching present output)
+    binding: Any
+    logits: dict[tuple[int, int], Any] = field(default_factory=dict)  # preallocated logits by (B, S)
+
+
+class OnnxEngine:
+    name = "onnx"
+
+    def __init__(self, path: str | Path, options: EngineOptions, kind: str = "onnx") -> None:
+        import onnxruntime as ort
+
+        self.kind = kind
+        self.path = Path(path)
+        genai = read_genai_config(self.path)
+        decoder = genai["model"]["decoder"]
+        self.device = _resolve_device(options.device)
+        self.config = read_json(self.path / "config.json", "re-export the model")
+        self.context_length = self.context = int(genai["model"]["context_length"])
+        self.num_layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_size = int(decoder["head_size"])
+        self.vocab_size = int(genai["model"]["vocab_size"])
+        if decoder.get("sliding_window"):
+            # A window-sized cache (the builder's default) cannot prefill a right-padded batch
+            # of different lengths in ORT 1.32; `sc2quant export onnx` writes full-length caches.
+            raise UserError(f"{path} was exported with a window-sized KV cache, which OnnxEngine does not run: "
+                            "re-export it with `sc2quant export onnx`")
+        self.session = ort.InferenceSession(str(self.path / decoder["filename"]),
+                                            _session_options(options.threads, options.profile_dir),
+                                            providers=_providers(self.device))
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.cache_dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
+        out_types = {o.name: o.type for o in self.session.get_outputs()}
+        self.logits_dtype = np.float16 if out_types["logits"] == "tensor(float16)" else np.float32
+        self._ort_device = self.device
+        self.dtype = "fp16" if self.cache_dtype == np.float16 else "fp32"
+        if options.dtype not in ("auto", self.dtype):
+            raise UserError(f"{self.path.name} is an ONNX graph computing in {self.dtype}, fixed when it was exported: "
+                            f"drop --dtype, or export again with `sc2quant export onnx --dtype {options.dtype}`")
+        self.tokenizer = load_tokenizer(self.path)
+
+    # --- Engine protocol -------------------------------------------------------------------
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        lengths = [int(n) for n in mask.sum(axis=1)]
+        if not np.array_equal(mask, np.arange(ids.shape[1])[None, :] < np.array(lengths)[:, None]):
+            raise UserError("the ONNX engine needs right-padded batches (attention_mask 1...1 0...0 per row)")
+        state = self._new_state(lengths)
+        return torch.from_numpy(self._run(state, ids, lengths).astype(np.float32))
+
+    def start(self, prompts: list[list[int]]) -> tuple[OnnxState, torch.Tensor]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        lengths = [len(p) for p in prompts]
+        ids = np.zeros((len(prompts), max(lengths)), dtype=np.int64)  # right-padded, as GQA requires
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        state = self._new_state(lengths)
+        logits = self._run(state, ids, lengths)
+        last = logits[np.arange(len(prompts)), np.array(lengths) - 1]
+        return state, torch.from_numpy(last.astype(np.float32))
+
+    def step(self, state: OnnxState, tokens: torch.Tensor) -> torch.Tensor:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if ids.shape[0] != len(state.lengths):
+            raise UserError(f"step got {ids.shape[0]} tokens for a batch of {len(state.lengths)}")
+        state.lengths = [n + 1 for n in state.lengths]
+        logits = self._run(state, ids, state.lengths)
+        return torch.from_numpy(logits[:, -1].astype(np.float32))
+
+    def weight_bytes(self) -> int:
+        """ONNX Runtime owns its initializers; their bytes are those of the graph's files."""
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.suffix in ONNX_WEIGHT_SUFFIXES)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "kind": self.kind, "device": self.device,
+                "dtype": self.dtype,
+                "threads": self.session.get_session_options().intra_op_num_threads or None,
+                "providers": self.session.get_providers()}
+
+    def end_profiling(self) -> Path | None:
+        if not self.session.get_session_options().enable_profiling:
+            return None
+        return Path(self.session.end_profiling())
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _new_state(self, lengths: list[int]) -> OnnxState:
+        import onnxruntime as ort
+
+        shape = [len(lengths), self.kv_heads, self.context_length, self.head_size]
+        buffers = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self._ort_device, 0)
+                   for name in self.past_names}
+        binding = self.session.io_binding()
+        for name, buf in buffers.items():  # past and present are one buffer: updated in place
+            binding.bind_ortvalue_input(name, buf)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
+        return OnnxState(lengths=list(lengths), buffers=buffers, binding=binding)
+
+    def _run(self, state: OnnxState, ids: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """One forward of `ids` [B, S]; each row's total length (cache + new) is `lengths`."""
+        total = max(lengths)
+        if total > self.context_length:
+            raise UserError(f"sequence of {total} tokens exceeds the model's context length "
+                            f"({self.context_length}): shorten the prompt or generate fewer tokens")
+        mask = (np.arange(total)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        binding = state.binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        binding.bind_cpu_input("attention_mask", mask)
+        logits = self._logits_buffer(state, ids.shape)
+        binding.bind_ortvalue_output("logits", logits)
+        self.session.run_with_iobinding(binding)
+        return logits.numpy()
+
+    def _logits_buffer(self, state: OnnxState, shape: tuple[int, ...]) -> Any:
+        """Decode steps reuse one [B, 1, V] output buffer instead of allocating each step."""
+        import onnxruntime as ort
+
+        key = (int(shape[0]), int(shape[1]))
+        if key not in state.logits:
+            state.logits = {key: ort.OrtValue.ortvalue_from_shape_and_type(
+                [*key, self.vocab_size], self.logits_dtype, self._ort_device, 0)}
+        return state.logits[key]
+
+
+def _resolve_device(device: str) -> str:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{device}' for the ONNX engine: choose cpu, cuda or auto")
+    if device == "cuda" and not has_cuda:
+        raise UserError("device cuda was asked for but this onnxruntime has no CUDA execution provider: "
+                        "install onnxruntime-gpu (make install-gpu) or use device cpu")
+    return device
+
+
+def _providers(device: str) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+
+def _session_options(threads: int | None, profile_dir: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    if profile_dir is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(profile_dir) / "ort")
+    return opts
+

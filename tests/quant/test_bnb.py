@@ -1,0 +1,163 @@
+"""bitsandbytes int8 / nf4 / fp4 artifacts: round trips, drift ordering, the CPU repack trap, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sc2quant.cli import app
+from sc2quant.core.artifact import read_manifest
+from sc2quant.core.errors import UserError
+from sc2quant.evaluate.metrics import compare
+from sc2quant.runtime import load
+
+PROBE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+
+
+def _probe_ids(model):
+    return torch.tensor([model.encode(PROBE)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int8", "nf4", "nf4-dq", "fp4"])
+def test_loads_the_same_through_sc2quant_and_plain_transformers(bnb_artifacts, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = bnb_artifacts[name]
+    ours = load(path)
+    ids = _probe_ids(ours)
+    mine = ours.logits(ids)
+    plain = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
+    with torch.no_grad():
+        theirs = plain(ids).logits.float()
+    assert torch.equal(mine, theirs)
+    # second round trip: save what was loaded, load again: identical tensors and logits
+    from safetensors.torch import load_file
+
+    from sc2quant.quant.bnb import save_bnb
+
+    save_bnb(plain, tmp_path / "again")
+    first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), device_map="cpu")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits.float(), mine)
+
+
+def test_manifest_records_what_was_done(bnb_artifacts):
+    m = read_manifest(bnb_artifacts["nf4-dq"])
+    assert (m.kind, m.method, m.bits) == ("bnb", "bnb-nf4", 4)
+    assert m.params["quant_type"] == "nf4" and m.params["double_quant"] is True
+    assert m.params["compute_dtype"] == "bf16"
+    assert len(m.params["quantized_modules"]) == 6 * 6  # q, k, v, o, c_fc, c_proj in 6 layers
+    assert "model.embed_tokens.weight" in m.params["kept_tensors"]
+    assert any(k.endswith("input_layernorm.weight") for k in m.params["kept_tensors"])
+    # true bytes include absmax/quant_state, which transformers' footprint leaves out
+    assert m.params["quantized_weight_bytes"] + m.params["kept_bytes"] > m.params["transformers_memory_footprint"]
+    int8 = read_manifest(bnb_artifacts["int8"])
+    assert int8.params["quantized_weight_bytes"] > m.params["quantized_weight_bytes"]
+    assert m.source["id"] and m.source["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_kl_ordering_int8_nf4_fp4(bnb_artifacts, eval_sets_small, baseline_logits_fn):
+    drift = {name: compare(eval_sets_small, load(bnb_artifacts[name]).logits, baseline_logits_fn)["all"]
+             for name in ("int8", "nf4", "fp4")}
+    print({k: round(v["kl_mean"], 6) for k, v in drift.items()})
+    assert drift["int8"]["kl_mean"] < drift["nf4"]["kl_mean"] < drift["fp4"]["kl_mean"]
+    assert drift["int8"]["top1_agreement"] > drift["fp4"]["top1_agreement"]
+
+
+@pytest.mark.slow
+def test_run_then_save_cannot_corrupt(bnb_artifacts, tmp_path):
+    """Quantize, run, save, reload, compare: the CPU repack trap must never reach a checkpoint."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from sc2quant.quant.bnb import save_bnb
+
+    model = load(bnb_artifacts["nf4"])
+    ids = _probe_ids(model)
+    before = model.logits(ids)
+    assert all(not m.support_avx512bf16_for_cpu for m in model.engine.model.modules()
+               if isinstance(m, bnb.nn.Linear4bit))
+    save_bnb(model.engine.model, tmp_path / "after-run")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "after-run"), device_map="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits.float(), before)
+    assert torch.equal(model.logits(ids), before)
+
+
+def test_a_repacked_model_is_refused(bnb_artifacts):
+    """Simulate the in-place repack that AVX512-BF16 CPUs do: saving must be refused."""
+    import bitsandbytes as bnb
+
+    from sc2quant.core.hf import assert_savable
+
+    model = load(bnb_artifacts["nf4"]).engine.model
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    layer.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(UserError, match="repacked"):
+        assert_savable(model)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "bnb", "--bits", "3"], "8 or 4 bits"),
+    (["--method", "bnb", "--bits", "4", "--quant-type", "nf5"], "unknown 4-bit quant type"),
+    (["--method", "bnb", "--bits", "4", "--compute-dtype", "int8"], "unknown compute dtype"),
+    (["--method", "awq"], "unknown method"),
+])
+def test_bad_options_exit_2_and_write_nothing(tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_non_starcoder2_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "llama"
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    result = runner.invoke(app, ["quantize", str(bad), "--method", "bnb", "--bits", "8", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "'llama' model, not StarCoder2" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--out", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--out", str(out),
+                                 "--force"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and read_manifest(out).method == "bnb-int8"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_gpu(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--device", "cuda",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_and_flag_override(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--recipe", "bnb-nf4", "--quant-type", "fp4",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    assert m.method == "bnb-fp4" and m.bits == 4  # bits from the recipe, quant type from the flag

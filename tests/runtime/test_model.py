@@ -1,0 +1,112 @@
+"""The runtime: generate / stream / infill / logits over every artifact kind, checksums verified."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from sc2quant.core.errors import IntegrityError, UserError
+from sc2quant.runtime import load
+
+
+@pytest.fixture(scope="module")
+def model(embedded_model_dir):
+    return load(embedded_model_dir)
+
+
+PROMPT = "def fibonacci(n):\n"
+
+
+def test_greedy_is_deterministic_and_batches_agree(model):
+    single = model.generate(PROMPT, max_new_tokens=16)
+    other = "import os\nimport sys\n\n\ndef main(argv):\n    "
+    batch = model.generate([PROMPT, other], max_new_tokens=16)
+    assert batch[0] == single == model.generate(PROMPT, max_new_tokens=16)
+    assert batch[1] == model.generate(other, max_new_tokens=16)
+
+
+def test_stream_concatenates_to_generate(model):
+    pieces = list(model.stream(PROMPT, max_new_tokens=20))
+    assert "".join(pieces) == model.generate(PROMPT, max_new_tokens=20) and len(pieces) > 1
+
+
+def test_stop_strings_cut_the_text(model):
+    text = model.generate(PROMPT, max_new_tokens=40)
+    assert len(text) > 3
+    stop = text[2:4]
+    cut = model.generate(PROMPT, max_new_tokens=40, stop=[stop])
+    assert cut == text[: text.find(stop)]
+
+
+def test_sampling_is_seeded(model):
+    a = model.generate(PROMPT, max_new_tokens=12, temperature=0.8, top_p=0.95, seed=3)
+    b = model.generate(PROMPT, max_new_tokens=12, temperature=0.8, top_p=0.95, seed=3)
+    assert a == b
+
+
+def test_infill_returns_the_middle(model):
+    middle = model.infill("def add(a, b):\n    ", "\n    return c\n", max_new_tokens=16)
+    assert isinstance(middle, str) and "<fim_" not in middle
+
+
+def test_logits_match_incremental_decoding(model):
+    ids = model.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
+    full = model.logits(ids)[0]
+    state, last = model.engine.start([ids[:10]])
+    errors = [(last[0] - full[9]).abs().max().item()]
+    for i in range(10, len(ids)):
+        errors.append((model.engine.step(state, torch.tensor([ids[i]]))[0] - full[i]).abs().max().item())
+    assert max(errors) < 1e-3
+
+
+def test_prompt_longer_than_context(model):
+    with pytest.raises(UserError, match="context is 1024"):
+        model.generate("x = 1\n" * 1000, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"max_new_tokens": 0}, "max_new_tokens"),
+                                            ({"max_new_tokens": 10**6}, "max_new_tokens"),
+                                            ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p")])
+def test_bad_sampling_arguments(model, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        model.generate(PROMPT, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["bnb_artifacts", "gptq_artifact", "rtn_artifact"])
+def test_every_torch_artifact_kind_loads_and_generates(request, fixture):
+    value = request.getfixturevalue(fixture)
+    for path in value.values() if isinstance(value, dict) else [value]:
+        m = load(path)
+        text = m.generate(PROMPT, max_new_tokens=8)
+        assert isinstance(text, str) and len(text) > 0
+
+
+@pytest.mark.slow
+def test_flipped_byte_is_refused(gptq_artifact, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(gptq_artifact, bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        load(bad)
+    assert load(bad, verify=False).generate(PROMPT, max_new_tokens=2) is not None
+
+
+@pytest.mark.slow
+def test_onnx_fp32_generates_the_same_tokens_as_pytorch(model, onnx_fp32_artifact):
+    onnx = load(onnx_fp32_artifact)
+    assert onnx.kind == "onnx"
+    prompts = [PROMPT, "import json\n\n\ndef load(path):\n    with open(path) as f:\n"]
+    assert onnx.generate(prompts, max_new_tokens=24) == model.generate(prompts, max_new_tokens=24)
+    assert "".join(onnx.stream(PROMPT, max_new_tokens=12)) == model.generate(PROMPT, max_new_tokens=12)
+    assert isinstance(onnx.infill("def add(a, b):\n    ", "\n    return c\n", max_new_tokens=8), str)
+
+
+@pytest.mark.slow
+def test_onnx_int4_loads_and_generates(onnx_int4_artifact):
+    assert len(load(onnx_int4_artifact).generate(PROMPT, max_new_tokens=8)) > 0
