@@ -15,7 +15,8 @@ install-gpu:  ## the same with the CUDA builds of ONNX Runtime
 	$(PY) -m venv $(VENV)
 	$(PIP) -q -e ".[gpu,dev,bench]"
 
-test:  ## lint, then the whole test suite (slow tests included)
+test:  ## lint, then the whole test suite (slow tests included); first the CPU kind and compute mode
+	$(BIN)/sc2quant --version
 	$(BIN)/ruff check sc2quant tests bench tools
 	$(BIN)/python -m pytest -q
 

@@ -11,6 +11,43 @@ os.environ.setdefault("SC2QUANT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_KINDS = ("avx2", "bf16")  # forced with SC2QUANT_CPU; the one this machine has runs for real
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU's capability flags and the compute mode, so a failure can be traced to the machine kind."""
+    from sc2quant.core.hf import compute_policy
+    from sc2quant.core.system import cpu_caps
+
+    plain = compute_policy(None, "cpu")
+    nf4 = compute_policy({"quant_method": "bitsandbytes", "load_in_4bit": True}, "cpu")
+    return [f"cpu: {cpu_caps().describe()}",
+            f"compute mode: plain checkpoints {plain.dtype} ({plain.reason}); bnb 4-bit: {nf4.reason}"]
+
+
+@pytest.fixture(params=CPU_KINDS, ids=lambda k: f"cpu-{k}")
+def cpu_kind(request, monkeypatch) -> str:
+    """Run the test once per CPU kind, forcing the capability switch (sc2quant.core.system)."""
+    monkeypatch.setenv("SC2QUANT_CPU", request.param)
+    return request.param
+
+
+def logit_tolerance(logits, dtype) -> float:
+    """How far two computations of the same logits may differ when only the kernels differ.
+
+    Two steps of the compute dtype at the logits' magnitude (the last matmul rounds bf16 logits
+    to bf16, so two kernels can land one step apart each way), plus accumulation-order
+    differences inside the kernels, which accumulate in fp32: 64 fp32 epsilons at that magnitude
+    (about 10x what full-vs-incremental decoding of the embedded model shows in fp32). An
+    off-by-one position, by comparison, moves the embedded model's logits by 0.8.
+    """
+    import math
+
+    import torch
+
+    magnitude = float(logits.abs().max())
+    step = torch.finfo(dtype).eps * 2 ** math.floor(math.log2(magnitude)) if magnitude else 0.0
+    return 2 * step + 64 * torch.finfo(torch.float32).eps * magnitude
 
 
 def make_tokenizer():

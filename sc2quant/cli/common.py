@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 _state = {"debug": False}
 
@@ -34,8 +35,31 @@ ModelArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
+def version_text() -> str:
+    """sc2quant's version, the libraries that shape its results, and this CPU's compute mode."""
+    from sc2quant.core.hf import compute_policy
+    from sc2quant.core.system import cpu_caps, tool_versions
+
+    versions = tool_versions()
+    libs = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "sc2quant")
+    plain = compute_policy(None, "cpu")
+    nf4 = compute_policy({"quant_method": "bitsandbytes", "load_in_4bit": True}, "cpu")
+    return (f"sc2quant {versions.get('sc2quant', '?')}\n{libs}\ncpu: {cpu_caps().describe()}\n"
+            f"compute: plain checkpoints in {plain.dtype} ({plain.reason}); bnb 4-bit: {nf4.reason}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(version_text() + "\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show versions and this CPU's compute mode, then exit.")] = False,
+) -> None:
     _state["debug"] = debug
     quiet_libraries()
 

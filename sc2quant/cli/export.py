@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -25,7 +24,7 @@ def export_onnx_cmd(
     lm_head: Annotated[Optional[str], typer.Option(
         help="int4 exports: lm_head int4 (tied with the embedding), int8, or float "
              "[default: int4; float for a GPTQ checkpoint].")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (default out/<model>-onnx-<dtype|int4>)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory (default out/<model>-onnx-<dtype|int4>)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

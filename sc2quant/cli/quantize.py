@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -28,7 +27,7 @@ def quantize_cmd(
     double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="bnb double quant.")] = None,
     compute_dtype: Annotated[Optional[str], typer.Option(help="bnb 4-bit compute dtype: bf16 or fp32.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (default out/<model>-<method>).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory (default out/<model>-<method>).")] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output directory.")] = None,
     allow_pickle: Annotated[Optional[bool], typer.Option("--allow-pickle", help="Accept *.bin (pickle) weights.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe (path or name in recipes/); flags override it.")] = None,
@@ -55,7 +54,7 @@ def quantize_cmd(
     overrides = dict(model=model, method=method, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
                      damp=damp, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                      quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, device=device,
-                     out=str(out) if out else None, force=force, allow_pickle=allow_pickle)
+                     out=out, force=force, allow_pickle=allow_pickle)
     with contextlib.redirect_stdout(sys.stderr):  # GPTQModel prints to stdout: keep stdout for results
         path = quantize(merge(QuantizeOptions, recipe, overrides))
     if as_json:

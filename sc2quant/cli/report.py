@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,7 +25,7 @@ def report_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the CPU's policy), fp32, bf16 or fp16.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write report.md, report.json and tradeoff.png here.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Write report.md, report.json and tradeoff.png here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

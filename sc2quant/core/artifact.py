@@ -8,13 +8,14 @@ file, and verifies them on load.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,15 +28,17 @@ from sc2quant.core.system import tool_versions
 
 MANIFEST_NAME = "sc2quant.json"
 FORMAT_NAME = "sc2quant-artifact"
+REPORT_FORMAT = "sc2quant-report"  # a `sc2quant report --out` directory (not loadable)
 FORMAT_VERSION = 1
 TMP_PREFIX = ".sc2quant-tmp-"
+PID_FILE = ".pid"  # in a staging directory: the pid of the process writing it
 GENAI_CONFIG = "genai_config.json"  # an ONNX artifact's description of its graph (onnxruntime-genai's format)
 
 
 @dataclass
 class Manifest:
-    kind: str  # hf | bnb | gptq | rtn | onnx: decides which engine loads it
-    method: str  # e.g. "bf16", "bnb-int8", "bnb-nf4", "gptq", "rtn", "onnx-int4"
+    kind: str  # see sc2quant.core.names.KINDS: decides which engine loads it
+    method: str  # the method's label (sc2quant.core.names.Method.label): "bnb-nf4", "gptq", "onnx-int4", ...
     bits: int | None = None
     group_size: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # method-specific settings
@@ -44,6 +47,7 @@ class Manifest:
     created: str = ""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256, bytes
     metrics: dict[str, Any] = field(default_factory=dict)
+    verb: str = ""  # the command that wrote it ("quantize", "export onnx"): what --force may replace
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -69,15 +73,72 @@ def source_identity(source_id: str, kind: str, path: Path) -> dict[str, Any]:
     return ident
 
 
-def check_output_path(out: Path, force: bool) -> None:
-    """Refuse to clobber: an existing output is replaced only with force, and never a file."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a directory path")
-    if out.exists() and not force:
-        raise UserError(f"output directory {out} already exists: choose another --out or pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write into {parent} (permission denied): choose a writable --out")
+def output_verb(path: Path) -> str | None:
+    """The sc2quant command that wrote directory `path` (from its sc2quant.json), or None."""
+    file = Path(path) / MANIFEST_NAME
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("format") == REPORT_FORMAT:
+        return "report"
+    if data.get("format") == FORMAT_NAME and data.get("kind") in KINDS:
+        return data.get("verb") or ("export onnx" if data["kind"] == "onnx" else "quantize")  # manifests before `verb`
+    return None
+
+
+def output_path(given: str | os.PathLike | None, default: Path) -> Path:
+    """The --out a user gave (an empty string is refused, not read as "."), or the default."""
+    if given is None:
+        return default
+    if not str(given).strip():
+        raise UserError("--out is empty: give the path of a new directory")
+    return Path(given)
+
+
+def check_output_path(out: Path | str, force: bool, verb: str, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse, before any work, an output path that would lose data.
+
+    An existing directory is replaced only with `force`, and only when it is empty or a previous
+    output of the same `verb` (its sc2quant.json says so). Never a file, the working directory or
+    one of its parents, an input of the command or a directory holding one.
+    """
+    if not str(out).strip():
+        raise UserError("--out is empty: give the path of a new directory")
+    target = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"--out {out} is the working directory or one of its parents: choose a new directory")
+    for raw in inputs:
+        inp = Path(raw).expanduser().resolve()
+        if target == inp or target in inp.parents:
+            what = "is" if target == inp else "holds"
+            raise UserError(f"--out {out} {what} an input of this command ({raw}): choose another directory")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {out}: {ancestor} is not a directory; choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {ancestor} (permission denied): choose a writable --out")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise UserError(f"output path {out} is a file: choose a directory path")
+        if not force:
+            raise UserError(f"output directory {out} already exists: choose another --out or pass --force to replace it")
+        check_replaceable(target, verb, out)
+
+
+def check_replaceable(target: Path, verb: str, shown: Path | str | None = None) -> None:
+    """--force replaces an empty directory or a previous output of the same command, nothing else."""
+    if not any(target.iterdir()) or output_verb(target) == verb:
+        return
+    made_by = output_verb(target)
+    why = f"it was written by `sc2quant {made_by}`" if made_by else f"it has no {MANIFEST_NAME}"
+    raise UserError(f"--force will not replace {shown or target}: it is not an output of `sc2quant {verb}` ({why}); "
+                    "choose another --out, or remove it yourself")
 
 
 def clean_stale_tmp(parent: Path) -> None:
@@ -85,7 +146,7 @@ def clean_stale_tmp(parent: Path) -> None:
     if not parent.is_dir():
         return
     for tmp in parent.glob(TMP_PREFIX + "*"):
-        pid_file = tmp / ".pid"
+        pid_file = tmp / PID_FILE
         try:
             pid = int(pid_file.read_text())
             os.kill(pid, 0)
@@ -95,22 +156,24 @@ def clean_stale_tmp(parent: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success the caller has called `commit`.
+def staging(out: Path, force: bool = False, verb: str = "", inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success the caller has called `commit` or `publish`.
 
-    On any exception or SIGINT the temporary directory is removed and nothing appears at
-    `out`. After SIGKILL the directory stays, marked with the dead pid, and the next run
-    removes it.
+    On any exception or SIGINT/SIGTERM the temporary directory is removed, and so are the parent
+    directories this call created: nothing appears. After SIGKILL the directory stays, marked with
+    the dead pid, and the next run in the same folder removes it.
     """
     out = Path(out)
-    check_output_path(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(out.parent)
+    check_output_path(out, force, verb, inputs)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + out.name + "-", dir=out.parent))
+        (tmp / PID_FILE).write_text(str(os.getpid()))
     except OSError as exc:
+        _remove_created(created)
         raise UserError(f"cannot create a directory next to {out} ({exc.strerror}): choose a writable --out") from exc
-    (tmp / ".pid").write_text(str(os.getpid()))
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -118,15 +181,23 @@ def staging(out: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
+        _remove_created(created)
+        if exc.errno == errno.ENOSPC:
             raise UserError(f"the disk is full while writing {out}: free space and run again (nothing was written)") from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     finally:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for path in created:  # innermost first; only if still empty
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -135,34 +206,39 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Manifest:
     """Checksum every file in `tmp`, write the manifest, then rename `tmp` to `out`."""
-    (tmp / ".pid").unlink(missing_ok=True)  # staging bookkeeping, not part of the artifact
     manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
     manifest.tools = manifest.tools or tool_versions()
     manifest.files = {
         p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME
+        if p.is_file() and p.name not in (MANIFEST_NAME, PID_FILE)
     }
     (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    publish(tmp, out, force)
+    publish(tmp, out, force, manifest.verb)
     return manifest
 
 
-def publish(tmp: Path, out: Path, force: bool = False) -> None:
-    """Make a finished staging directory readable and rename it to `out` (replacing it with force)."""
-    (tmp / ".pid").unlink(missing_ok=True)
+def publish(tmp: Path, out: Path, force: bool = False, verb: str = "") -> None:
+    """Make a finished staging directory readable and rename it to `out` (replacing, with force,
+    only what `check_replaceable` allows, checked again now)."""
     os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make files private; outputs are ordinary files
     for p in tmp.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not force:
             raise UserError(f"output directory {out} appeared while writing: choose another --out or pass --force")
-        trash = out.with_name(f"{TMP_PREFIX}old-{out.name}-{int(time.time())}")
+        check_replaceable(out.resolve(), verb, out)
+        trash = out.with_name(f"{TMP_PREFIX}old-{out.name}-{os.getpid()}-{int(time.time())}")
         out.rename(trash)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            trash.rename(out)  # put the previous output back
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+    (out / PID_FILE).unlink(missing_ok=True)  # the staging marker, not part of the output
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -171,6 +247,8 @@ def read_manifest(path: Path) -> Manifest:
     if not file.is_file():
         raise UserError(f"{path} has no {MANIFEST_NAME}: it is not an sc2quant artifact")
     data = read_json(file, "the artifact is damaged; recreate it", IntegrityError)
+    if isinstance(data, dict) and data.get("format") == REPORT_FORMAT:
+        raise UserError(f"{path} is a `sc2quant report` directory, not an artifact: pass an artifact")
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("kind") not in KINDS:
         raise IntegrityError(f"{file} is not an sc2quant manifest (format/kind unknown): recreate the artifact")
     files = data.get("files")

@@ -13,11 +13,13 @@ Compute policy (`compute_policy`), per CPU kind (`sc2quant.core.system.cpu_caps`
 |---|---|---|
 | plain checkpoint | bf16 | fp32 (bf16 weights widen exactly; emulated bf16 is slow) |
 | bitsandbytes 4-bit | bf16, bitsandbytes' repacked AVX512-BF16 kernel | bf16, plain kernel |
-| bitsandbytes int8, GPTQ | as transformers loads it | as transformers loads it |
+| bitsandbytes int8, GPTQ | as transformers loads it (bf16) | as transformers loads it (bf16) |
 
 `auto` for quantized checkpoints is exactly what plain transformers does on the same CPU, so
-sc2quant's logits equal transformers' bit for bit. `fp32` or `bf16` override it (`--dtype`);
-`fp32` turns bitsandbytes' repack off (its kernel computes in bf16 only).
+sc2quant's logits equal transformers' bit for bit. `fp32`/`bf16`/`fp16` override the dtype of
+plain and GPTQ checkpoints (`--dtype`); bitsandbytes checkpoints compute in bf16 only. The CPU
+kind can be forced with `SC2QUANT_CPU=avx2|bf16` (see `sc2quant.core.system`): `avx2` also turns
+bitsandbytes' repack off on an AVX512-BF16 machine.
 """
 
 from __future__ import annotations
@@ -168,30 +170,36 @@ class ComputePolicy:
         return f"{self.dtype or 'as stored'}{', bnb repacked kernel' if self.bnb_repack else ''}"
 
 
-def compute_policy(quant_method: str | None, device: str, requested: str = "auto") -> ComputePolicy:
-    """The documented policy (module docstring): per checkpoint type, device and CPU kind."""
+def compute_policy(quant: dict[str, Any] | None, device: str, requested: str = "auto") -> ComputePolicy:
+    """The documented policy (module docstring) for a checkpoint's `quantization_config` (None:
+    a plain checkpoint), the device and the CPU kind."""
     from sc2quant.core.system import cpu_caps
 
     if requested not in COMPUTE_DTYPES:
         raise UserError(f"unknown dtype '{requested}': choose one of {', '.join(COMPUTE_DTYPES)}")
+    method = (quant or {}).get("quant_method")
+    if method == "bitsandbytes" and requested not in ("auto", "bf16"):
+        raise UserError(f"bitsandbytes checkpoints compute in bf16, the dtype they were saved in, not {requested}: "
+                        "drop --dtype (or use --dtype bf16)")
     if device == "cuda":
         import torch
 
         native = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        dtype = native if requested == "auto" and quant_method is None else None if requested == "auto" else requested
+        dtype = (native if method is None else None) if requested == "auto" else requested
         return ComputePolicy(dtype, False, f"CUDA: {dtype or 'as stored'}")
     caps = cpu_caps()
-    if quant_method is None:
+    if method is None:
         if requested != "auto":
             return ComputePolicy(requested, False, f"asked for {requested}")
         if caps.native_bf16:
             return ComputePolicy("bf16", False, "the CPU computes bf16 natively")
         return ComputePolicy("fp32", False, "the CPU has no native bf16: bf16 weights are widened to fp32 exactly")
-    if quant_method == "bitsandbytes":
-        repack = caps.bnb_repack and requested != "fp32"
-        why = "bitsandbytes' AVX512-BF16 kernel, as transformers uses it" if repack else "bitsandbytes' plain kernel"
-        return ComputePolicy(None if requested == "auto" else requested, repack, why)
-    return ComputePolicy(None if requested == "auto" else requested, False, "as transformers loads it")
+    dtype = None if requested == "auto" else requested
+    if method == "bitsandbytes" and (quant or {}).get("load_in_4bit"):
+        if caps.bnb_repack:
+            return ComputePolicy(dtype, True, "bitsandbytes' repacked AVX512-BF16 4-bit kernel, as transformers uses it")
+        return ComputePolicy(dtype, False, "bitsandbytes' plain 4-bit kernel, as transformers uses it here")
+    return ComputePolicy(dtype, False, "as transformers loads it")
 
 
 def set_bnb_repack(model: Any, enabled: bool) -> None:
@@ -243,13 +251,13 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
     files = weight_files(source.path, allow_pickle)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(source.path)
-    quant = (config.get("quantization_config") or {}).get("quant_method")
+    quant = config.get("quantization_config") or None
     if quantization_config is not None:
-        quant = quantization_config.quant_method.value if hasattr(quantization_config.quant_method, "value") \
-            else str(quantization_config.quant_method)
+        quant = quantization_config.to_dict()
         policy = ComputePolicy(dtype if dtype != "auto" else "bf16", False, "quantized while loading")
     else:
         policy = compute_policy(quant, dev, dtype)
+    method = (quant or {}).get("quant_method")
     kwargs: dict[str, Any] = {"device_map": dev, "output_loading_info": True,
                               "use_safetensors": files[0].suffix == ".safetensors"}
     if policy.dtype is not None:
@@ -258,11 +266,11 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
         kwargs["quantization_config"] = quantization_config
     from transformers import AutoModelForCausalLM
 
-    gptq = contained_gptqmodel_import() if quant == "gptq" else contextlib.nullcontext()
+    gptq = contained_gptqmodel_import() if method == "gptq" else contextlib.nullcontext()
     with console.status(f"loading {source.id} ({policy.label}, {dev})"), gptq:
         hf_model, info = AutoModelForCausalLM.from_pretrained(str(source.path), trust_remote_code=False, **kwargs)
     _check_loading_info(info, source)
-    if quant == "bitsandbytes":
+    if method == "bitsandbytes":
         set_bnb_repack(hf_model, policy.bnb_repack)
     hf_model.eval()
     return LoadedModel(hf_model, tokenizer, source, config, policy)

@@ -19,6 +19,7 @@ from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.tables import Table, fmt, markdown
 
+VERB = "report"
 COLUMNS = ("model", "ppl", "ppl drift %", "KL mean", "KL p99", "top-1 agree", "disk MB", "weights MB", "peak RSS MB",
            "prefill tok/s", "decode tok/s")
 
@@ -44,12 +45,20 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
     if not artifacts:
         raise UserError("give at least one artifact to report on")
     paths = [resolve_source(a).path for a in artifacts]
+    base_source = resolve_source(baseline)
+    inputs = [*paths, base_source.path, *(e for e in eval_paths or [] if e != "calib_data")]
+    if out is not None:
+        out = artifact.output_path(out, Path("report"))
+        artifact.check_output_path(out, force, VERB, inputs)
+    from sc2quant.core.hf import read_config
+
+    context = min(int(read_config(p).get("max_position_embeddings", 2048)) for p in [*paths, base_source.path])
+    if seqlen > context:
+        raise UserError(f"--seqlen {seqlen} is longer than the models' context ({context} tokens): "
+                        f"use --seqlen {context} or less")
     for p in paths:
         if artifact.is_artifact(p):
             artifact.verify(p)  # once: the loads below skip it
-    if out is not None:
-        artifact.check_output_path(Path(out), force)
-    base_source = resolve_source(baseline)
     base = load(baseline, device=device, threads=threads, dtype=dtype)
     sets = eval_sets(base.tokenizer, eval_documents(eval_paths), seqlen=seqlen, stride=stride, max_windows=max_windows)
     if not sets or all(s.windows.shape[1] < 2 for s in sets):
@@ -78,7 +87,7 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
             if artifact.is_artifact(Path(row["path"])):
                 artifact.update_metrics(Path(row["path"]), {"report": _metrics_for_manifest(row, result)})
     if out is not None:
-        write_outputs(result, Path(out), force)
+        write_outputs(result, Path(out), force, inputs)
     return result
 
 
@@ -152,12 +161,16 @@ def plot_tradeoff(result: dict, file: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path, force: bool) -> None:
-    with artifact.staging(out, force) as tmp:
+def write_outputs(result: dict, out: Path, force: bool, inputs: list[Path] | None = None) -> None:
+    """report.json, report.md, tradeoff.png, and an sc2quant.json saying a report lives here."""
+    with artifact.staging(out, force, VERB, inputs or []) as tmp:
         (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(result))
         plot_tradeoff(result, tmp / "tradeoff.png")
-        artifact.publish(tmp, out, force)
+        marker = {"format": artifact.REPORT_FORMAT, "verb": VERB, "baseline": result["baseline"],
+                  "models": [m["path"] for m in result["models"]], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        (tmp / artifact.MANIFEST_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+        artifact.publish(tmp, out, force, VERB)
 
 
 __all__ = ["fmt", "render_markdown", "report", "source_table", "table"]

@@ -68,12 +68,15 @@ def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL
     }
 
 
-def _child_setup() -> None:
-    os.environ["SC2QUANT_NO_PROGRESS"] = "1"
+def _child_setup(env: dict[str, str]) -> None:
+    os.environ.update({"SC2QUANT_NO_PROGRESS": "1", **env})
 
 
-def measure_in_child(path: str | Path | None, device: str = "cpu", **options: Any) -> dict[str, Any]:
-    """`measure` in a freshly spawned process (options as `measure` takes them)."""
+def measure_in_child(path: str | Path | None, device: str = "cpu", env: dict[str, str] | None = None,
+                     **options: Any) -> dict[str, Any]:
+    """`measure` in a freshly spawned process (options as `measure` takes them; `env` is set in
+    the child, e.g. SC2QUANT_CPU to measure a forced CPU kind)."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_setup) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_setup,
+                             initargs=(env or {},)) as pool:
         return pool.submit(measure, str(path) if path else None, device, **options).result()

@@ -30,6 +30,7 @@ BLOCK_SIZES = (32, 64, 128)
 DEVICES = ("cpu", "cuda")
 GPTQ_BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes MatMulNBits accepts
 LM_HEADS = ("int4", "int8", "float")
+VERB = "export onnx"
 
 
 def export_onnx(
@@ -61,12 +62,12 @@ def export_onnx(
     if gptq is not None:
         weights, block_size, symmetric = _gptq_settings(gptq, weights, block_size, symmetric)
     check_tokenizer(source.path)
-    out = Path(out) if out else default_out(source, dtype, weights, block_size, symmetric)
+    out = artifact.output_path(out, default_out(source, dtype, weights, block_size, symmetric))
     if lm_head is not None and weights != "int4":
         raise UserError("--lm-head applies to int4 exports only: add --weights int4 or drop --lm-head")
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or ("float" if gptq else "int4"))
     started = time.monotonic()
-    with artifact.staging(out, force) as tmp:
+    with artifact.staging(out, force, VERB, [source.path]) as tmp:
         facts = _build(source, config, tmp, opts)
         shutil.copy2(source.path / "config.json", tmp / "config.json")  # the engine's `config`
         method = _method(dtype, weights, block_size, symmetric)
@@ -78,6 +79,7 @@ def export_onnx(
             params=_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts,
                            time.monotonic() - started),
             source=artifact.source_identity(source.id, source.kind, source.path),
+            verb=VERB,
         )
         with console.status("writing checksums"):
             artifact.commit(tmp, out, manifest, force)

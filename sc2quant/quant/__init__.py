@@ -16,6 +16,7 @@ from sc2quant.core.hf import check_tokenizer, copy_tokenizer, read_config, resol
 from sc2quant.core.source import resolve_source
 from sc2quant.quant.base import QuantizeOptions, Quantizer
 
+VERB = "quantize"
 QUANTIZERS: dict[str, str] = {
     "gptq": "sc2quant.quant.gptq:GptqQuantizer",
     "bnb": "sc2quant.quant.bnb:BnbQuantizer",
@@ -43,17 +44,21 @@ def quantize(opts: QuantizeOptions) -> Path:
     device = resolve_device(opts.device)
     quantizer.validate(opts, config)
     method = quantizer.method(opts)
-    out = Path(opts.out) if opts.out else Path("out") / f"{source.short_name}-{method.name}"
+    out = artifact.output_path(opts.out, Path("out") / f"{source.short_name}-{method.name}")
+    calib = [opts.calib] if isinstance(opts.calib, str) else list(opts.calib)
+    inputs = [source.path, *(c for c in calib if c != "calib_data")]
+    artifact.check_output_path(out, opts.force, VERB, inputs)  # before calibration: refusals cost nothing
     prepared, calibration = quantizer.prepare(opts, source, config)
     started = time.time()
-    with artifact.staging(out, opts.force) as tmp:
+    with artifact.staging(out, opts.force, VERB, inputs) as tmp:
         details = quantizer.run(opts, source, tmp, prepared, device)
         copy_tokenizer(source.path, tmp)
         params = {**quantizer.params(opts), "device": device, "seconds": round(time.time() - started, 2), **details}
         if calibration is not None:
             params["calibration"] = calibration
         manifest = artifact.Manifest(kind=quantizer.kind, method=method.label, bits=opts.bits, group_size=method.group,
-                                     params=params, source=artifact.source_identity(source.id, source.kind, source.path))
+                                     params=params, source=artifact.source_identity(source.id, source.kind, source.path),
+                                     verb=VERB)
         artifact.commit(tmp, out, manifest, opts.force)
     return out
 

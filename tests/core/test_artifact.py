@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import IntegrityError, UserError
+from sc2quant.core.files import sha256_file
 
 
-def _make(tmp_path, name="art", force=False):
+def _make(tmp_path, name="art", force=False, verb="quantize"):
     out = tmp_path / name
-    with artifact.staging(out, force) as tmp:
+    with artifact.staging(out, force, verb) as tmp:
         (tmp / "model.safetensors").write_bytes(b"weights" * 100)
         (tmp / "config.json").write_text("{}")
-        artifact.commit(tmp, out, artifact.Manifest(kind="hf", method="bf16"), force)
+        artifact.commit(tmp, out, artifact.Manifest(kind="hf", method="bf16", verb=verb), force)
     return out
 
 
@@ -24,10 +26,11 @@ def test_commit_writes_manifest_with_checksums(tmp_path):
     out = _make(tmp_path)
     m = artifact.read_manifest(out)
     assert set(m.files) == {"model.safetensors", "config.json"}
-    assert m.files["model.safetensors"]["sha256"] == artifact.sha256_file(out / "model.safetensors")
+    assert m.files["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
     assert m.tools["torch"] and m.created
     assert artifact.verify(out).kind == "hf"
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary directory left
+    assert not (out / artifact.PID_FILE).exists()
 
 
 def test_failure_leaves_nothing(tmp_path):
@@ -77,10 +80,10 @@ def test_read_only_location(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
-    out = tmp_path / "art"
+    out = tmp_path / "new" / "deeper" / "art"
     with pytest.raises(UserError, match="disk is full"), artifact.staging(out) as tmp:
         raise OSError(28, "No space left on device", str(tmp / "model.safetensors"))
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the parents it created are gone too
 
 
 @pytest.mark.parametrize("tamper,message", [
@@ -111,3 +114,82 @@ def test_update_metrics_keeps_checksums_valid(tmp_path):
     out = _make(tmp_path)
     artifact.update_metrics(out, {"kl": 0.1})
     assert artifact.verify(out).metrics == {"kl": 0.1}
+
+
+# --- what --force may replace -------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.mark.parametrize("out,message", [
+    ("", "--out is empty"), (".", "working directory"), ("..", "working directory"), ("/", "working directory"),
+    ("/dev/null/x", "/dev/null is not a directory"),
+])
+def test_paths_that_are_never_outputs(workdir, out, message):
+    for force in (False, True):
+        with pytest.raises(UserError, match=message):
+            artifact.check_output_path(artifact.output_path(out, Path("x")), force, "quantize")
+
+
+def test_force_never_replaces_an_input_or_its_parent(workdir):
+    model = workdir / "models" / "starcoder2-3b"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    for out in (model, model.parent, workdir / "models" / "starcoder2-3b" / ".."):
+        with pytest.raises(UserError, match="an input of this command"):
+            artifact.check_output_path(out, True, "quantize", [model])
+    link = workdir / "link"
+    link.symlink_to(model)
+    with pytest.raises(UserError, match="an input of this command"):
+        artifact.check_output_path(link, True, "quantize", [model])
+    assert (model / "config.json").read_text() == "{}"
+
+
+def test_force_replaces_only_empty_dirs_and_the_same_verbs_outputs(workdir):
+    mine = workdir / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="has no sc2quant.json"):
+        _make(workdir, "mine", force=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (workdir / "empty").mkdir()
+    _make(workdir, "empty", force=True)  # an empty directory is fine
+    exported = _make(workdir, "exported", verb="export onnx")
+    with pytest.raises(UserError, match="written by `sc2quant export onnx`"):
+        _make(workdir, "exported", force=True, verb="quantize")
+    assert artifact.read_manifest(exported).verb == "export onnx"
+    _make(workdir, "exported", force=True, verb="export onnx")  # its own previous output
+    legacy = _make(workdir, "legacy")
+    data = json.loads((legacy / "sc2quant.json").read_text())
+    del data["verb"]  # a manifest written before manifests said which verb wrote them
+    (legacy / "sc2quant.json").write_text(json.dumps(data))
+    _make(workdir, "legacy", force=True)
+
+
+def test_force_rechecks_at_rename_time(workdir):
+    """Something the user put at --out while we worked is not replaced either."""
+    out = workdir / "art"
+    with pytest.raises(UserError, match="has no sc2quant.json"), artifact.staging(out, True, "quantize") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+        out.mkdir()
+        (out / "precious.txt").write_text("mine")
+        artifact.commit(tmp, out, artifact.Manifest(kind="hf", method="bf16", verb="quantize"), True)
+    assert (out / "precious.txt").read_text() == "mine"
+    assert [p.name for p in workdir.iterdir()] == ["art"]
+
+
+@pytest.mark.parametrize("files", [[], None, {"model.safetensors": {"sha256": "0" * 64}},
+                                   {"model.safetensors": {"sha256": "0" * 64, "bytes": "7"}}])
+def test_malformed_files_table_is_refused(tmp_path, files):
+    out = _make(tmp_path)
+    data = json.loads((out / "sc2quant.json").read_text())
+    data["files"] = files
+    (out / "sc2quant.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="malformed 'files'"):
+        artifact.read_manifest(out)

@@ -31,7 +31,7 @@ def test_report_side_by_side(bnb_artifacts, gptq_artifact, onnx_int4_artifact, t
         assert row["peak_rss_bytes"] > row["weight_bytes_in_memory"] > 0 and row["bytes_on_disk"] > 0
         assert row["drift"]["all"]["kl_p99"] >= row["drift"]["all"]["kl_mean"]
     assert rows["bnb-nf4"]["weight_bytes_in_memory"] < rows["bnb-int8"]["weight_bytes_in_memory"]
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "tradeoff.png"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "tradeoff.png", "sc2quant.json"}
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert "| gptq |" in (out / "report.md").read_text()
     m = read_manifest(gptq_artifact)

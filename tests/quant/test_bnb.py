@@ -21,29 +21,43 @@ def _probe_ids(model):
     return torch.tensor([model.encode(PROBE)])
 
 
+def _plain_transformers(path, repack: bool):
+    """The checkpoint as plain transformers loads it on a CPU of this kind (bitsandbytes repacks
+    4-bit weights exactly where its AVX512-BF16 kernel exists)."""
+    from transformers import AutoModelForCausalLM
+
+    from sc2quant.core.hf import set_bnb_repack
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", trust_remote_code=False)
+    set_bnb_repack(model, repack)
+    return model
+
+
+def _saved_tensors_equal(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["int8", "nf4", "nf4-dq", "fp4"])
-def test_loads_the_same_through_sc2quant_and_plain_transformers(bnb_artifacts, name, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_loads_the_same_through_sc2quant_and_plain_transformers(bnb_artifacts, name, cpu_kind, tmp_path):
+    """Same kernel choice as transformers on each CPU kind, so the same logits bit for bit."""
+    from sc2quant.core.system import cpu_caps
+    from sc2quant.quant.bnb import save_bnb
 
     path = bnb_artifacts[name]
     ours = load(path)
     ids = _probe_ids(ours)
     mine = ours.logits(ids)
-    plain = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
+    assert ours.engine.policy.bnb_repack == (cpu_caps().bnb_repack and name != "int8")
+    plain = _plain_transformers(path, cpu_caps().bnb_repack)
+    save_bnb(plain, tmp_path / "again")  # before any forward: the stored tensors, untouched
+    assert _saved_tensors_equal(path / "model.safetensors", tmp_path / "again" / "model.safetensors")
     with torch.no_grad():
-        theirs = plain(ids).logits.float()
-    assert torch.equal(mine, theirs)
-    # second round trip: save what was loaded, load again: identical tensors and logits
-    from safetensors.torch import load_file
-
-    from sc2quant.quant.bnb import save_bnb
-
-    save_bnb(plain, tmp_path / "again")
-    first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), device_map="cpu")
-    with torch.no_grad():
+        assert torch.equal(plain(ids).logits.float(), mine)
+        again = _plain_transformers(tmp_path / "again", cpu_caps().bnb_repack)
         assert torch.equal(again(ids).logits.float(), mine)
 
 
@@ -72,23 +86,23 @@ def test_kl_ordering_int8_nf4_fp4(bnb_artifacts, eval_sets_small, baseline_logit
 
 
 @pytest.mark.slow
-def test_run_then_save_cannot_corrupt(bnb_artifacts, tmp_path):
-    """Quantize, run, save, reload, compare: the CPU repack trap must never reach a checkpoint."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
-
+def test_run_then_save_cannot_corrupt(bnb_artifacts, cpu_kind, tmp_path):
+    """Load, run, save: the checkpoint written is the stored one bit for bit, or (after bitsandbytes
+    repacked the weights for its AVX512-BF16 kernel) saving is refused and nothing is written."""
+    from sc2quant.core.system import cpu_caps
     from sc2quant.quant.bnb import save_bnb
 
     model = load(bnb_artifacts["nf4"])
     ids = _probe_ids(model)
     before = model.logits(ids)
-    assert all(not m.support_avx512bf16_for_cpu for m in model.engine.model.modules()
-               if isinstance(m, bnb.nn.Linear4bit))
-    save_bnb(model.engine.model, tmp_path / "after-run")
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "after-run"), device_map="cpu")
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits.float(), before)
-    assert torch.equal(model.logits(ids), before)
+    if cpu_caps().bnb_repack:  # this machine has the kernel and the kind is not forced to avx2
+        with pytest.raises(UserError, match="repacked"):
+            save_bnb(model.engine.model, tmp_path / "after-run")
+        assert not (tmp_path / "after-run").exists()
+    else:
+        save_bnb(model.engine.model, tmp_path / "after-run")
+        assert _saved_tensors_equal(bnb_artifacts["nf4"] / "model.safetensors", tmp_path / "after-run" / "model.safetensors")
+    assert torch.equal(model.logits(ids), before)  # the live model is untouched either way
 
 
 def test_a_repacked_model_is_refused(bnb_artifacts):
@@ -133,17 +147,20 @@ def test_non_starcoder2_model(tiny_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_output_needs_force(tiny_model_dir, tmp_path):
+def test_existing_output_needs_force_and_force_replaces_only_our_output(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--out", str(out)])
+    args = ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--out", str(out)]
+    result = runner.invoke(app, args)
     assert result.exit_code == 2 and "--force" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
-    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "bnb", "--bits", "8", "--out", str(out),
-                                 "--force"])
-    assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and read_manifest(out).method == "bnb-int8"
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 2 and "no sc2quant.json" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0  # an empty directory
+    assert runner.invoke(app, [*args, "--quant-type", "fp4", "--bits", "4", "--force"]).exit_code == 0  # our own output
+    assert read_manifest(out).method == "bnb-fp4"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

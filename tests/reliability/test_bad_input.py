@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ runner = CliRunner()
 def bad_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     out = {}
-    for name in ("llama", "truncated", "garbage", "pickle"):
+    for name in ("llama", "truncated", "garbage", "pickle", "notok", "files-list", "files-null", "files-nobytes"):
         out[name] = root / name
         shutil.copytree(tiny_model_dir, out[name])
     cfg = json.loads((out["llama"] / "config.json").read_text())
@@ -32,6 +33,13 @@ def bad_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     (out["garbage"] / "model.safetensors").write_bytes(b"\x13\x00" * 50)
     (out["pickle"] / "model.safetensors").unlink()
     (out["pickle"] / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    for f in out["notok"].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    for name, files in (("files-list", []), ("files-null", None), ("files-nobytes", {"model.safetensors": {"sha256": ""}})):
+        (out[name] / "sc2quant.json").write_text(json.dumps({"format": "sc2quant-artifact", "kind": "hf", "method": "bf16",
+                                                             "files": files}))
+    (root / "recipe-damp.yaml").write_text("method: gptq\ndamp: .nan\n")
     (root / "afile").write_text("x")
     (root / "empty.txt").write_text("")
     (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
@@ -76,9 +84,26 @@ def _cases(m: dict[str, Path], tiny: Path) -> list[tuple[str, list[str], str]]:
         ("absurd max_new_tokens", ["run", t, "--prompt", "def", "--max-new-tokens", "100000000"], "max_new_tokens"),
         ("run without prompt", ["run", t], "--prompt"),
         ("bad temperature", ["run", t, "--prompt", "def", "--temperature", "-1"], "temperature"),
-        ("report bad eval file", ["report", t, "--baseline", t, "--eval", str(r / "binary.bin"), "--no-speed"],
+        ("report bad eval file", ["report", t, "--baseline", t, "--eval", str(r / "binary.bin"), "--seqlen", "64",
+                                  "--no-speed"],
          "binary file"),
         ("serve bad port", ["serve", t, "--port", "70000"], "out of range"),
+        ("negative damp", q + [t, "--group-size", "32", "--damp", "-0.1"], "--damp"),
+        ("damp above 1", q + [t, "--group-size", "32", "--damp", "1.5"], "--damp"),
+        ("NaN damp", q + [t, "--group-size", "32", "--damp", "nan"], "--damp"),
+        ("NaN damp in a recipe", q + [t, "--group-size", "32", "--recipe", str(r / "recipe-damp.yaml")], "--damp"),
+        ("rtn 3 bits", q + [t, "--method", "rtn", "--bits", "3"], "round-to-nearest writes"),
+        ("non-UTF-8 prompt", ["run", t, "--prompt", "def \udcff():"], "not valid UTF-8"),
+        ("manifest files is a list", ["run", str(m["files-list"]), "--prompt", "x"], "malformed 'files'"),
+        ("manifest files is null", ["run", str(m["files-null"]), "--prompt", "x"], "malformed 'files'"),
+        ("manifest entry without bytes", ["run", str(m["files-nobytes"]), "--prompt", "x"], "malformed 'files'"),
+        ("output under /dev/null", q + [t, "--method", "bnb", "--out", "/dev/null/x"], "not a directory"),
+        ("export without a tokenizer", ["export", "onnx", str(m["notok"]), "--out", str(r / "o")], "no tokenizer"),
+        ("rtn without a tokenizer", q + [str(m["notok"]), "--method", "rtn", "--out", str(r / "o")], "no tokenizer"),
+        ("run without a tokenizer", ["run", str(m["notok"]), "--prompt", "x"], "no tokenizer"),
+        ("report window above the context", ["report", t, "--baseline", t, "--seqlen", "100000", "--no-speed"],
+         "longer than the models' context"),
+        ("empty --out", q + [t, "--method", "bnb", "--out", ""], "--out is empty"),
     ]
 
 
@@ -99,3 +124,33 @@ def test_every_case_is_one_clear_line_exit_2_nothing_written(bad_models, tiny_mo
         if not ok:
             failures.append(f"{name}: exit {result.exit_code}, {result.output.strip()[:300]!r}")
     assert not failures, "\n".join(failures)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_force_never_destroys_what_the_user_owns(tiny_model_dir, tmp_path, monkeypatch):
+    """Each of these deleted the source model, the working directory or the artifact being measured."""
+    model = tmp_path / "work" / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.chdir(model.parent)
+    (model.parent / "notes.txt").write_text("mine")
+    before = _tree(model.parent)
+    cases = [
+        (["quantize", str(model), "--method", "bnb", "--out", str(model), "--force"], "an input of this command"),
+        (["export", "onnx", str(model), "--out", str(model), "--force"], "an input of this command"),
+        (["quantize", str(model), "--method", "bnb", "--out", str(model.parent), "--force"], "working directory"),
+        (["quantize", str(model), "--method", "rtn", "--group-size", "32", "--out", ".", "--force"], "working directory"),
+        (["export", "onnx", str(model), "--out", "..", "--force"], "working directory"),
+        (["report", str(model), "--baseline", str(model), "--out", str(model), "--force", "--no-speed"],
+         "an input of this command"),
+        (["quantize", str(model), "--method", "bnb", "--out", str(tmp_path), "--force"], "working directory"),
+    ]
+    for args, message in cases:
+        t0 = time.monotonic()
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and time.monotonic() - t0 < 30
+    assert _tree(model.parent) == before

@@ -9,6 +9,7 @@ import torch
 
 from sc2quant.core.errors import IntegrityError, UserError
 from sc2quant.runtime import load
+from tests.conftest import logit_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,30 @@ def test_infill_returns_the_middle(model):
     assert isinstance(middle, str) and "<fim_" not in middle
 
 
-def test_logits_match_incremental_decoding(model):
-    ids = model.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
-    full = model.logits(ids)[0]
-    state, last = model.engine.start([ids[:10]])
+def test_logits_match_incremental_decoding(embedded_model_dir, cpu_kind):
+    """Prefill + one-token steps give the full forward's logits, within the compute dtype's tolerance,
+    on both CPU kinds (bf16 compute where the CPU has it, fp32 where it does not)."""
+    m = load(embedded_model_dir)
+    dtype = next(m.engine.model.parameters()).dtype
+    assert dtype == (torch.bfloat16 if cpu_kind == "bf16" else torch.float32)
+    ids = m.encode("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n")
+    full = m.logits(ids)[0]
+    state, last = m.engine.start([ids[:10]])
     errors = [(last[0] - full[9]).abs().max().item()]
     for i in range(10, len(ids)):
-        errors.append((model.engine.step(state, torch.tensor([ids[i]]))[0] - full[i]).abs().max().item())
-    assert max(errors) < 1e-3
+        errors.append((m.engine.step(state, torch.tensor([ids[i]]))[0] - full[i]).abs().max().item())
+    assert max(errors) <= logit_tolerance(full, dtype), (max(errors), logit_tolerance(full, dtype))
+
+
+def test_an_off_by_one_position_exceeds_the_tolerance(embedded_model_dir, cpu_kind):
+    """The tolerance above is tight enough to catch a real decoding bug."""
+    m = load(embedded_model_dir)
+    ids = m.encode("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n")
+    full = m.logits(ids)[0]
+    state, _ = m.engine.start([ids[:10]])
+    state["next_pos"] = state["next_pos"] + 1
+    errors = [(m.engine.step(state, torch.tensor([ids[i]]))[0] - full[i]).abs().max().item() for i in range(10, len(ids))]
+    assert max(errors) > 2 * logit_tolerance(full, next(m.engine.model.parameters()).dtype)
 
 
 def test_prompt_longer_than_context(model):
@@ -110,3 +127,15 @@ def test_onnx_fp32_generates_the_same_tokens_as_pytorch(model, onnx_fp32_artifac
 @pytest.mark.slow
 def test_onnx_int4_loads_and_generates(onnx_int4_artifact):
     assert len(load(onnx_int4_artifact).generate(PROMPT, max_new_tokens=8)) > 0
+
+
+def test_dtype_override_and_refusals(embedded_model_dir, bnb_artifacts, onnx_fp32_artifact):
+    assert next(load(embedded_model_dir, dtype="fp32").engine.model.parameters()).dtype == torch.float32
+    assert load(embedded_model_dir, dtype="bf16").engine.describe()["dtype"] == "bfloat16"
+    with pytest.raises(UserError, match="compute in bf16"):
+        load(bnb_artifacts["nf4"], dtype="fp32")
+    with pytest.raises(UserError, match="fixed when it was exported"):
+        load(onnx_fp32_artifact, dtype="fp16")
+    assert load(onnx_fp32_artifact, dtype="fp32").engine.describe()["dtype"] == "fp32"
+    with pytest.raises(UserError, match="unknown dtype"):
+        load(embedded_model_dir, dtype="float8")

@@ -21,15 +21,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, *extra: str):
+def start_server(model_dir, *extra: str, env: dict[str, str] | None = None):
+    """`sc2quant serve` in a child process on a free port; returns (process, base URL) once healthy."""
+    import os
+    import tempfile
+
     port = _free_port()
+    log = tempfile.TemporaryFile()  # never a pipe nobody reads: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "sc2quant", "serve", str(model_dir), "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+    proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url

@@ -1,0 +1,313 @@
+"""The real server on loopback against hostile, careless and vanishing clients.
+
+Every loop here has a deadline and every server is stopped by its fixture: the suite ends by
+itself whatever the server does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.runtime.test_server import _free_port, start_server
+
+pytestmark = pytest.mark.slow
+JSON = {"content-type": "application/json"}
+LONG = {"prompt": "def main():\n", "max_tokens": 2000, "temperature": 0}
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def one_slot(embedded_model_dir):
+    """One request generating, none queued, 6 connections, 1 s read timeouts."""
+    proc, url = start_server(embedded_model_dir, "--max-queue", "0", "--max-connections", "6", "--read-timeout", "1")
+    yield proc, url
+    _stop(proc)
+
+
+def _queued(url: str) -> int:
+    return httpx.get(url + "/health", timeout=5).json()["queued"]
+
+
+def _wait_idle(url: str, seconds: float = 10) -> float:
+    """Seconds until the server reports nothing in flight (fails after `seconds`)."""
+    t0 = time.monotonic()
+    while _queued(url) != 0:
+        assert time.monotonic() - t0 < seconds, "a vanished client still holds a generation slot"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_until(sock: socket.socket, marker: bytes, seconds: float = 20) -> bytes:
+    data, deadline = b"", time.monotonic() + seconds
+    while marker not in data:
+        assert time.monotonic() < deadline, data[-300:]
+        piece = sock.recv(4096)
+        assert piece, data[-300:]  # closed before the marker
+        data += piece
+    return data
+
+
+def _post_raw(sock: socket.socket, body: dict, chunked: bool = False) -> None:
+    data = json.dumps(body).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall((head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+
+
+def test_a_client_hanging_up_mid_stream_frees_its_slot_at_once(one_slot):
+    proc, url = one_slot
+    for _ in range(3):
+        sock = _raw(url)
+        _post_raw(sock, {**LONG, "stream": True})
+        _read_until(sock, b"data: ")  # the stream has started
+        sock.close()
+        assert _wait_idle(url, 5) < 5
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x = ", "max_tokens": 4, "temperature": 0}, timeout=30)
+        assert r.status_code == 200, r.text  # not 429: the slot came back
+
+
+def test_a_client_hanging_up_before_its_answer_frees_its_slot(one_slot):
+    proc, url = one_slot
+    sock = _raw(url)
+    _post_raw(sock, LONG)  # not streaming: 2000 tokens would take many seconds
+    time.sleep(0.5)
+    sock.close()
+    assert _wait_idle(url, 5) < 5
+
+
+def test_the_openai_client_breaking_out_of_a_stream(one_slot):
+    openai = pytest.importorskip("openai")
+    proc, url = one_slot
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with client.completions.create(model="sc2quant-embedded", stream=True, **LONG) as stream:
+        for _ in stream:
+            break
+    assert _wait_idle(url, 5) < 5
+    assert client.completions.create(model="sc2quant-embedded", prompt="y = ", max_tokens=4).choices
+
+
+def test_a_chunked_body_cannot_bypass_the_size_limit(one_slot):
+    proc, url = one_slot
+    before = psutil.Process(proc.pid).memory_info().rss
+    sock = _raw(url)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b'{"prompt": "' + b"x" * 65536
+    sent, reply = 0, b""
+    try:
+        while sent < 21 << 20 and not reply:
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sent += len(piece)
+            sock.settimeout(0.001)
+            try:
+                reply = sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                pass
+            sock.settimeout(10)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    if not reply:
+        sock.settimeout(5)
+        reply = sock.recv(4096)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 3 << 20  # refused once past 1 MiB, not after reading 21 MB
+    assert psutil.Process(proc.pid).memory_info().rss - before < 100 << 20
+    assert _queued(url) == 0
+
+
+def test_half_sent_headers_and_bodies_are_not_held_open(one_slot):
+    proc, url = one_slot
+    headers = _raw(url)
+    headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    body = _raw(url)
+    body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+    t0 = time.monotonic()
+    assert headers.recv(4096) == b""  # closed by the server
+    assert body.recv(4096).startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - t0 < 5
+    headers.close()
+    body.close()
+
+
+def test_connections_are_bounded_and_the_server_recovers(one_slot):
+    proc, url = one_slot
+    idle = [_raw(url) for _ in range(8)]
+    r = httpx.get(url + "/v1/models", timeout=5)
+    assert r.status_code == 503  # uvicorn's limit: more connections than --max-connections
+    for s in idle:
+        s.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/v1/models", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_sigterm_under_load_stops_within_seconds(embedded_model_dir):
+    proc, url = start_server(embedded_model_dir, "--concurrency", "2", "--max-queue", "8")
+    stop = threading.Event()
+
+    def client() -> None:
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(5)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while _queued(url) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(15)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn shuts down, then re-raises the signal: the conventional exit status of a SIGTERMed process
+    assert time.monotonic() - t0 < 8 and code in (0, -signal.SIGTERM)
+    proc.log.seek(0)
+    assert b"Traceback" not in proc.log.read()
+
+
+def test_api_key_is_checked_on_every_route_but_health(embedded_model_dir):
+    proc, url = start_server(embedded_model_dir, env={"SC2QUANT_API_KEY": "s3cret"})
+    try:
+        body = {"prompt": "x", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
+                r = httpx.request(method, url + path, json=body, headers=headers, timeout=30)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(url + "/v1/completions", json=body, headers=ok, timeout=30).status_code == 200
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def _serve_fails(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "sc2quant", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+    done.seconds = time.monotonic() - t0  # type: ignore[attr-defined]
+    return done
+
+
+def test_refusals_before_the_model_loads():
+    exposed = _serve_fails("--host", "0.0.0.0", "--port", str(_free_port()), env={"SC2QUANT_API_KEY": ""})
+    assert exposed.returncode == 2 and "without an API key" in exposed.stderr
+    assert len(exposed.stderr.strip().splitlines()) == 1 and "Traceback" not in exposed.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = _serve_fails("--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 2 and "already in use" in busy.stderr and "Traceback" not in busy.stderr
+    for args, message in ((["--max-connections", "1"], "--max-connections"), (["--read-timeout", "0"], "--read-timeout"),
+                          (["--port", "0"], "out of range")):
+        bad = _serve_fails(*args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+# --- request-level hostility on one shared server -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(embedded_model_dir):
+    proc, url = start_server(embedded_model_dir, "--max-queue", "8")
+    yield url
+    _stop(proc)
+
+
+def _sse(url: str, body: dict) -> tuple[int, list[dict], bool]:
+    events, done = [], False
+    raw = json.dumps({**body, "stream": True}).encode()  # ASCII JSON: a lone surrogate travels as \\ud800
+    with httpx.stream("POST", url + "/v1/completions", content=raw, headers=JSON, timeout=60) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, [r.json()], False
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return 200, events, done
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"prompt": "x", "seed": 10**30}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "\ud800 lone surrogate"}, "UTF-8"),
+    ({"prompt": ""}, "empty"),
+    ({"prompt": "def f():\n" * 2000}, "context"),
+    ({"prompt": ["a", "b"]}, "one prompt"),
+])
+def test_bad_requests_are_4xx_before_any_stream(server, body, message):
+    for stream in (False, True):
+        status, events, done = _sse(server, body) if stream else (None, None, None)
+        if not stream:
+            r = httpx.post(server + "/v1/completions", content=json.dumps(body).encode(), headers=JSON, timeout=60)
+            if body["prompt"] == ["a", "b"]:
+                assert r.status_code == 200  # several prompts are fine without streaming
+                continue
+            status, events = r.status_code, [r.json()]
+        assert status == 400 and message in events[0]["error"]["message"], events
+
+
+def test_streaming_cuts_stop_strings_exactly_like_non_streaming(server):
+    base = {"prompt": "class Stack:\n    def __init__(self):\n", "max_tokens": 40, "temperature": 0}
+    full = httpx.post(server + "/v1/completions", json=base, timeout=60).json()["choices"][0]["text"]
+    assert len(full) > 6
+    for stop in (full[3:6], full[-2:], full[0]):
+        body = {**base, "stop": stop}
+        cut = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        status, events, done = _sse(server, body)
+        streamed = "".join(e["choices"][0]["text"] for e in events)
+        assert status == 200 and done and streamed == cut == full[: full.find(stop)]
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_echo_when_streaming(server):
+    body = {"prompt": "import os\n", "max_tokens": 8, "temperature": 0, "echo": True}
+    plain = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    status, events, done = _sse(server, body)
+    assert done and "".join(e["choices"][0]["text"] for e in events) == plain and plain.startswith("import os\n")
+
+
+def test_sampling_without_a_seed_is_random_and_the_seed_reproduces_it(server):
+    body = {"prompt": "def parse(line):\n", "max_tokens": 24, "temperature": 1.0}
+    answers = [httpx.post(server + "/v1/completions", json=body, timeout=60).json() for _ in range(3)]
+    assert len({a["choices"][0]["text"] for a in answers}) > 1
+    seed = answers[0]["seed"]
+    assert isinstance(seed, int) and len({a["seed"] for a in answers}) == 3
+    again = httpx.post(server + "/v1/completions", json={**body, "seed": seed}, timeout=60).json()
+    assert again["choices"][0]["text"] == answers[0]["choices"][0]["text"] and again["seed"] == seed
