@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: install install-gpu test lint embedded-model calib-data bench clean
+.PHONY: install install-gpu test lint embedded-model calib-data bench bench-modes bench-scale clean
 
 install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ calib-data:  ## rebuild calib_data/ from the machine's permissively licensed sou
 
 bench:  ## sc2quant vs llama.cpp and transformers (~45 min on 2 cores the first time; needs cmake and a C++ compiler)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-modes:  ## what each CPU compute mode costs (torch engine, fp32/bf16, bnb kernels; ~20 min)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.modes $(BENCH_ARGS)
+
+bench-scale:  ## every method on random 3B and 7B StarCoder2s: time, peak RSS, bytes (~1-2 h, ~50 GB of disk)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

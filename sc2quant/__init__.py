@@ -25,7 +25,7 @@ def quantize(model: Any = None, **options: Any):
     from sc2quant.quant import QuantizeOptions
     from sc2quant.quant import quantize as _quantize
 
-    return _quantize(QuantizeOptions(model=None if model is None else str(model), **options))
+    return _quantize(QuantizeOptions(model=None if model is None else str(model), **options), given=set(options))
 
 
 def export_onnx(model: Any = None, out: Any = None, **options: Any):

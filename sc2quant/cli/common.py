@@ -1,19 +1,27 @@
-"""The Typer application and what every verb's command shares: the error wrapper (one line,
-exit 2), JSON output, option types. Each verb's command lives in its own module of this
-package and only parses flags and calls the verb's library function."""
+"""The Typer application and what every verb's command shares.
+
+- `command(verb)`: third-party output goes to a log file while the command runs (`--verbose`
+  shows it instead); a `UserError` becomes one line on stderr and exit status 2; an unexpected
+  error one line naming the log (which holds the traceback) and exit status 1; Ctrl-C exit 130.
+- `resolve(ctx, recipe)`: defaults < `--recipe` < flags given, for every verb, and the set of
+  options the user set (by flag or recipe), which the verbs use to refuse options that do not apply.
+- Option types shared by several verbs.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
+import logging
+import traceback
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from sc2quant.core.console import console, quiet_libraries
+from sc2quant.core.console import console, current_log, library_output, quiet_libraries, write_result
 from sc2quant.core.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,15 +32,21 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help: flags shown as flags, examples kept as written
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 _state = {"debug": False}
+NOT_RECIPE_KEYS = ("ctx", "recipe", "as_json", "verbose")
 
-ModelArg = Annotated[
-    Optional[str],
-    typer.Argument(help="Model directory, hub id, or artifact. Omit for the embedded default model.", show_default=False),
-]
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Model directory, hub id, or artifact. Omit for the embedded default model.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own output (else: a log file).")]
+RecipeOpt = Annotated[Optional[str], typer.Option(help="YAML recipe (a path or a name in recipes/); flags override it.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: all).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto (this CPU's policy), fp32, bf16 or fp16.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check artifact checksums first.")]
 
 
 def version_text() -> str:
@@ -50,7 +64,9 @@ def version_text() -> str:
 
 def _version(value: bool) -> None:
     if value:
-        sys.stdout.write(version_text() + "\n")
+        with library_output("version"):  # importing bitsandbytes to ask it logs a warning
+            text = version_text()
+        write_result(text + "\n")
         raise typer.Exit(0)
 
 
@@ -64,27 +80,68 @@ def _main(
     quiet_libraries()
 
 
-def user_errors(fn: F) -> F:
-    """Turn a UserError into one line on stderr and exit status 2 (traceback only with --debug)."""
+def command(verb: str) -> Callable[[F], F]:
+    """Wrap a verb's command: library output to a log, one-line errors with the right exit status."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            if _state["debug"]:
-                raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                with library_output(verb, verbose=bool(kwargs.get("verbose"))):
+                    try:
+                        return fn(*args, **kwargs)
+                    except (UserError, KeyboardInterrupt, typer.Exit):
+                        raise
+                    except Exception:
+                        if _state["debug"]:
+                            raise
+                        logging.getLogger("sc2quant").error("unexpected error\n%s", traceback.format_exc())
+                        raise _Internal(current_log()) from None
+            except UserError as exc:
+                if _state["debug"]:
+                    raise
+                console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except _Internal as exc:
+                where = f"the traceback is in {exc.log}" if exc.log else "run again with --debug for the traceback"
+                console.print(f"[bold red]error:[/] sc2quant {verb} failed unexpectedly (a bug): {where}",
+                              highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                console.print("[bold red]interrupted[/]: nothing was written")
+                raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class _Internal(Exception):
+    def __init__(self, log: Path | None) -> None:
+        super().__init__(str(log))
+        self.log = log
+
+
+def resolve(ctx: typer.Context, recipe: str | None) -> tuple[dict[str, Any], set[str]]:
+    """The command's option values after the recipe (defaults < recipe < flags given), and the
+    names the user set (by flag or recipe)."""
+    from sc2quant.core.recipes import load_recipe
+
+    names = [k for k in ctx.params if k not in NOT_RECIPE_KEYS]
+    # by name: typer ships its own copy of click, whose ParameterSource is not click's
+    given = {k for k in names if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+    values = {k: ctx.params[k] for k in names}
+    if recipe:
+        hints = typing.get_type_hints(ctx.command.callback)
+        for key, value in load_recipe(recipe, {k: hints[k] for k in names}).items():
+            if key not in given:
+                values[key] = value
+                given.add(key)
+    return values, given
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    write_result(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def text_or_file(value: str) -> str:
@@ -95,6 +152,6 @@ def text_or_file(value: str) -> str:
             return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text: convert it first") from exc
-    except OSError:  # not a usable path (too long, ...): it is the text itself
+    except (OSError, ValueError):  # not a usable path (too long, a NUL, a lone surrogate...): the text itself
         pass
     return value

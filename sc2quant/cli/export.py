@@ -6,50 +6,60 @@ from typing import Annotated, Optional
 
 import typer
 
-from sc2quant.cli.common import JsonOpt, ModelArg, app, print_json, user_errors
+from sc2quant.cli.common import (
+    JsonOpt,
+    ModelArg,
+    RecipeOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    app,
+    command,
+    print_json,
+    resolve,
+)
 
 export_app = typer.Typer(help="Export a model to another runtime's format.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
 @export_app.command("onnx")
-@user_errors
+@command("export onnx")
 def export_onnx_cmd(
+    ctx: typer.Context,
     model: ModelArg = None,
     dtype: Annotated[str, typer.Option(help="Activations, KV cache and logits: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
-    weights: Annotated[str, typer.Option(help="fp (same as --dtype) or int4 (MatMulNBits).")] = "fp",
-    block_size: Annotated[int, typer.Option(help="int4 block size: 32, 64 or 128.")] = 32,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4 grid, or with zero points.")] = True,
-    device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
+    weights: Annotated[str, typer.Option(help="fp (the --dtype) or int4 (MatMulNBits).")] = "fp",
+    block_size: Annotated[int, typer.Option(help="int4: block size, 32, 64 or 128.")] = 32,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4: grid without or with zero points.")]
+    = True,
     lm_head: Annotated[Optional[str], typer.Option(
-        help="int4 exports: lm_head int4 (tied with the embedding), int8, or float "
-             "[default: int4; float for a GPTQ checkpoint].")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output directory (default out/<model>-onnx-<dtype|int4>)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+        help="int4: lm_head int4 (tied with the embedding), int8 or float [default: int4; float for GPTQ]")] = None,
+    device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
+    threads: ThreadsOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory [default: out/<model>-onnx-<dtype|int4>]")]
+    = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a previous export or an empty directory.")] = False,
+    recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Export to ONNX Runtime: fused GroupQueryAttention with the sliding window, KV cache, fp32/fp16 or int4.
 
     The output runs in onnxruntime and onnxruntime-genai. A GPTQ artifact keeps its int4 weights.
 
+    \b
     Examples:
-
-        sc2quant export onnx                                         # the embedded model, fp32 for the CPU
-
-        sc2quant export onnx ./starcoder2-3b --weights int4 --block-size 32
-
-        sc2quant export onnx out/embedded-gptq-int4-g128             # GPTQ weights carried into MatMulNBits
-
-        sc2quant export onnx out/embedded-gptq-int4-g128 --lm-head int8   # and an 8-bit lm_head
+      sc2quant export onnx                   # the embedded model, fp32 for the CPU
+      sc2quant export onnx ./starcoder2-3b --weights int4
+      sc2quant export onnx out/embedded-gptq-int4-g128 --lm-head int8
+      sc2quant export onnx --recipe onnx-int4-cpu
     """
-    import contextlib
-    import sys
-
     from sc2quant.core.artifact import read_manifest
+    from sc2quant.core.system import set_threads
     from sc2quant.export import export_onnx
 
-    with contextlib.redirect_stdout(sys.stderr):
-        path = export_onnx(model, out, dtype=dtype, weights=weights, block_size=block_size, symmetric=symmetric,
-                           device=device, force=force, lm_head=lm_head)
+    values, given = resolve(ctx, recipe)
+    set_threads(values.pop("threads"))
+    path = export_onnx(**values, given=given)
     if as_json:
         print_json({"artifact": str(path), **read_manifest(path).__dict__})

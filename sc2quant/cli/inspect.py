@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from sc2quant.cli.common import JsonOpt, ModelArg, app, print_json, user_errors
+from sc2quant.cli.common import JsonOpt, ModelArg, VerboseOpt, app, command, print_json
 
 
 @app.command("inspect")
-@user_errors
-def inspect_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
+@command("inspect")
+def inspect_cmd(model: ModelArg = None, as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """Show what the loader sees: architecture, shape, dtype, parameters, bytes on disk.
 
+    \b
     Examples:
-
-        sc2quant inspect                      # the embedded default model
-
-        sc2quant inspect ./starcoder2-3b --json
+      sc2quant inspect                       # the embedded default model
+      sc2quant inspect ./starcoder2-3b --json
     """
     from sc2quant.core.tables import show
     from sc2quant.inspect import inspect_model, table

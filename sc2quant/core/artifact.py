@@ -208,11 +208,14 @@ def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Man
     """Checksum every file in `tmp`, write the manifest, then rename `tmp` to `out`."""
     manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
     manifest.tools = manifest.tools or tool_versions()
-    manifest.files = {
-        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST_NAME, PID_FILE)
-    }
+    from sc2quant.core.console import status
+
+    with status(f"checksums of {out.name}"):
+        manifest.files = {
+            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST_NAME, PID_FILE)
+        }
     (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     publish(tmp, out, force, manifest.verb)
     return manifest

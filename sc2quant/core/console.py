@@ -1,33 +1,66 @@
 """Terminal output: results on stdout (`out`), progress and messages on stderr (`console`),
-progress bars with ETA, and the silencing of third-party libraries."""
+one progress display per stage (`progress`, `status`, `track`), and third-party output kept
+off the terminal (`library_output`).
+
+Libraries print banners, INFO lines, tqdm bars and C++ warnings on stdout and stderr; a user
+cannot act on them and they bury the results. While a command runs, `library_output` sends
+file descriptors 1 and 2 (so C/C++ output too), Python's sys.stdout/sys.stderr, `logging` and
+`warnings` into a log file under the user cache (`SC2QUANT_LOG_DIR`, default
+~/.cache/sc2quant/logs), while `out` and `console` keep writing to the real terminal. With
+`--verbose` nothing is redirected. Progress displays draw only on a terminal, and never when
+SC2QUANT_NO_PROGRESS is set.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
 T = TypeVar("T")
+LIBRARY_LOGGERS = ("transformers", "torch", "torchao", "bitsandbytes", "accelerate", "optimum", "gptqmodel",
+                   "tokenicer", "logbar", "onnxruntime", "onnx", "onnxscript", "onnx_ir", "uvicorn", "httpx",
+                   "huggingface_hub", "datasets", "urllib3", "matplotlib")
+KEEP_LOGS = 30
 
 # Results (tables, text, JSON) go to stdout; progress and messages to stderr, so that
 # `sc2quant inspect > f.txt` or `--json | jq` get the results alone.
-out = Console()
+out = Console(soft_wrap=True)
 console = Console(stderr=True)
+_state: dict[str, Any] = {"log": None}
 
 
-def progress() -> Progress:
+def write_result(text: str) -> None:
+    """Raw result text (generated code) on stdout, flushed at once (streaming)."""
+    stream = out.file
+    stream.write(text)
+    stream.flush()
+
+
+def progress_enabled() -> bool:
+    return console.is_terminal and not os.environ.get("SC2QUANT_NO_PROGRESS")
+
+
+def progress(transient: bool = False) -> Progress:
+    """A progress display with ETA (on stderr; drawn only on a terminal)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,9 +69,21 @@ def progress() -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
-        disable=os.environ.get("SC2QUANT_NO_PROGRESS") == "1",
+        transient=transient,
+        disable=not progress_enabled(),
+        redirect_stdout=False,  # library prints must not reach the terminal through the display
+        redirect_stderr=False,
     )
+
+
+@contextlib.contextmanager
+def status(text: str) -> Iterator[None]:
+    """A spinner with elapsed time, for a stage whose length is unknown."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not progress_enabled(), redirect_stdout=False,
+                  redirect_stderr=False) as bar:
+        bar.add_task(text, total=None)
+        yield
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
@@ -52,18 +97,110 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 
 def quiet_libraries() -> None:
-    """Silence import-time noise from optional libraries that a user cannot act on."""
+    """Silence import-time noise from libraries that a user cannot act on."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "accelerate", "optimum"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
-    try:  # our own status line replaces transformers' per-tensor bars; its warnings are ours to phrase
+    try:  # our own displays replace transformers' per-tensor bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def log_dir() -> Path:
+    root = os.environ.get("SC2QUANT_LOG_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "sc2quant" / "logs"
+    return Path(root)
+
+
+def current_log() -> Path | None:
+    """The log file of the command running now (None with --verbose or outside a command)."""
+    return _state["log"]
+
+
+def _new_log(verb: str) -> Path:
+    folder = log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in sorted(folder.glob("*.log"))[:-KEEP_LOGS]:  # our own files: keep the last few
+        old.unlink(missing_ok=True)
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{verb.replace(' ', '-')}-{os.getpid()}.log"
+
+
+def _own_stream(stream: IO[str], saved_fd: int) -> IO[str]:
+    """A stream on the real terminal for `out`/`console` while fd 1/2 point at the log.
+
+    A stream backed by fd 1 or 2 gets a duplicate of the saved descriptor; anything else (a test
+    runner's buffer) stays as it is.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return stream
+    if fd not in (1, 2):
+        return stream
+    return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                     errors="replace")
+
+
+@contextlib.contextmanager
+def library_output(verb: str, verbose: bool = False) -> Iterator[Path | None]:
+    """Third-party output of the block goes to a log file (path yielded); ours to the terminal."""
+    quiet_libraries()
+    if verbose:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+        yield None
+        return
+    try:
+        path = _new_log(verb)
+        log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+    except OSError:  # no writable cache: fall back to discarding, never fail the command for a log
+        path, log = None, open(os.devnull, "w")  # noqa: SIM115
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    files = {"out": out._file, "console": console._file}  # None: follow sys.stdout/sys.stderr (rich's default)
+    mine = [_own_stream(sys.stdout, saved[1]), _own_stream(sys.stderr, saved[2])]
+    out.file, console.file = mine
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers, root.level = [handler], logging.INFO
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    _state["log"] = path
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield path
+    finally:
+        for stream in (*mine, log):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        for stream in mine:
+            if stream.fileno is not None and stream not in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    if stream.fileno() not in (0, 1, 2):
+                        stream.close()
+        out._file, console._file = files["out"], files["console"]
+        root.handlers, root.level = handlers, level
+        logging.captureWarnings(False)
+        quiet_libraries()
+        _state["log"] = None
+        log.close()

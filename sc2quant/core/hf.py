@@ -243,7 +243,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
     dtype: "auto" (the policy), or fp32/bf16/fp16. quantization_config: quantize while loading
     (bitsandbytes), as `from_pretrained(quantization_config=...)` does.
     """
-    from sc2quant.core.console import console, quiet_libraries
+    from sc2quant.core.console import quiet_libraries, status
 
     quiet_libraries()
     source = resolve_source(model)
@@ -267,7 +267,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
     from transformers import AutoModelForCausalLM
 
     gptq = contained_gptqmodel_import() if method == "gptq" else contextlib.nullcontext()
-    with console.status(f"loading {source.id} ({policy.label}, {dev})"), gptq:
+    with status(f"loading {source.id} ({policy.label}, {dev})"), gptq:
         hf_model, info = AutoModelForCausalLM.from_pretrained(str(source.path), trust_remote_code=False, **kwargs)
     _check_loading_info(info, source)
     if method == "bitsandbytes":

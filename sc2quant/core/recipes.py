@@ -1,7 +1,9 @@
-"""YAML recipes: named sets of options for a verb. CLI flags override recipe values.
+"""YAML recipes: named sets of options for any verb (`--recipe`). Flags given on the command
+line override recipe values, which override the defaults.
 
 A recipe is a flat mapping of option names (as in the CLI, `-` or `_`) to values, plus an
-optional `description`. Unknown keys and wrong value types are errors, not silently ignored.
+optional `description`. Unknown keys, wrong value types and empty recipes are errors, not
+silently ignored.
 """
 
 from __future__ import annotations
@@ -51,24 +53,29 @@ def _accepts(tp: Any, value: Any) -> bool:
     return isinstance(value, tp)
 
 
-def load_recipe(name: str | Path, options_type: type) -> dict[str, Any]:
-    """Read and validate a recipe against the fields of a dataclass of options."""
+def load_recipe(name: str | Path, options: type | dict[str, Any]) -> dict[str, Any]:
+    """Read and validate a recipe against the fields of a dataclass of options, or against a
+    mapping of option name to type (a command's parameters)."""
     path = find_recipe(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    if data is None or data == {} or (isinstance(data, dict) and set(data) == {"description"}):
+        raise UserError(f"recipe {path} sets no option: write 'option: value' lines, or drop --recipe")
     if not isinstance(data, dict):
         raise UserError(f"recipe {path} must be a mapping of option: value")
-    hints = typing.get_type_hints(options_type)
-    fields = {f.name for f in dataclasses.fields(options_type)}
+    hints = typing.get_type_hints(options) if isinstance(options, type) else options
+    if isinstance(options, type):
+        hints = {f.name: hints[f.name] for f in dataclasses.fields(options)}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name_ = str(key).replace("-", "_")
         if name_ == "description":
             continue
-        if name_ not in fields:
-            raise UserError(f"recipe {path.name}: unknown key '{key}'; allowed keys: {', '.join(sorted(fields))}")
+        if name_ not in hints:
+            raise UserError(f"recipe {path.name}: unknown key '{key}'; allowed keys: "
+                            f"{', '.join(sorted(k.replace('_', '-') for k in hints))}")
         if not _accepts(hints[name_], value):
             raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {value!r}, "
                             f"expected {_type_name(hints[name_])}")

@@ -109,6 +109,26 @@ def check_threads(threads: int | None) -> None:
                         f"{os.cpu_count()} logical CPUs)")
 
 
+@functools.cache
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system at once (mmap them above 1 MiB).
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB)
+    and keeps later ones in the heap: a loop that reads, converts and frees tensors one at a
+    time then holds on to ~100 MB it no longer uses. The streaming verbs call this first.
+    Returns False where there is no glibc (nothing to do).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 20) and libc.mallopt(m_trim_threshold, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def vm_hwm(pid: int | str = "self") -> int:
     """A process's peak resident set since its exec (VmHWM, bytes); 0 where /proc cannot say.
 

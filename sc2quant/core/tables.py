@@ -1,8 +1,9 @@
 """The one place that draws tables: on the terminal (readable at 80 columns) and as Markdown.
 
-A `Table` holds formatted cells. On a terminal it is drawn as a grid when every column fits
-whole (a number or a name is never cut or folded; only multi-word headers wrap); when the
-terminal is too narrow for that, each row becomes a block of `column: value` lines instead.
+A `Table` holds formatted cells. On a terminal it is drawn as a grid when it fits with every
+word whole (a number or a name is never cut or folded; headers and multi-word cells wrap at
+spaces); when the terminal is too narrow for that, each row becomes a block of
+`column  value` lines instead.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
-
-GRID_OVERHEAD = 3  # a grid column costs its cell plus "│ " and one space of padding
 
 
 @dataclass
@@ -24,11 +23,6 @@ class Table:
 
     def add(self, *cells: Any) -> None:
         self.rows.append([c if isinstance(c, str) else fmt(c) for c in cells])
-
-    def min_width(self) -> int:
-        """Columns each as wide as their widest cell or longest header word, plus the borders."""
-        widths = [max([len(w) for w in col.split()] + [len(r[i]) for r in self.rows]) for i, col in enumerate(self.columns)]
-        return sum(widths) + GRID_OVERHEAD * len(widths) + 1
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -56,6 +50,23 @@ def markdown(table: Table) -> list[str]:
     return lines
 
 
+def column_widths(table: Table, width: int) -> list[int] | None:
+    """Widths that fit `width` with every word whole (narrowing the columns with the most
+    wrappable text first), or None when even that does not fit."""
+    texts = [[col, *(r[i] for r in table.rows)] for i, col in enumerate(table.columns)]
+    natural = [max(len(t) for t in col) for col in texts]
+    least = [max(len(w) for t in col for w in t.split() or [""]) for col in texts]
+    budget = width - (3 * len(natural) - 1)  # a 3-character gap between cells, one space at each edge
+    widths = natural[:]
+    while sum(widths) > budget:
+        slack = [w - m for w, m in zip(widths, least)]
+        widest = max(range(len(widths)), key=lambda i: slack[i])
+        if slack[widest] == 0:
+            return None
+        widths[widest] -= 1
+    return widths
+
+
 def renderable(table: Table, width: int) -> Any:
     """A rich renderable: the grid when it fits `width`, else one block of lines per row."""
     from rich import box
@@ -63,23 +74,22 @@ def renderable(table: Table, width: int) -> Any:
     from rich.table import Table as RichTable
     from rich.text import Text
 
-    if table.min_width() <= width:
-        grid = RichTable(title=table.title, caption=table.caption, box=box.SIMPLE_HEAD, title_justify="left",
-                         caption_justify="left")
-        for i, col in enumerate(table.columns):
-            cell_width = max([len(w) for w in col.split()] + [len(r[i]) for r in table.rows])
-            grid.add_column(col, justify="right" if i in table.right else "left", min_width=cell_width, overflow="fold")
+    title = [Text(table.title, style="bold")] if table.title else []
+    caption = [Text(table.caption, style="dim")] if table.caption else []
+    widths = column_widths(table, width)
+    if widths is not None:
+        grid = RichTable(box=box.SIMPLE_HEAD, pad_edge=False)
+        for i, (col, w) in enumerate(zip(table.columns, widths)):
+            grid.add_column(col, justify="right" if i in table.right else "left", width=w, overflow="fold")
         for row in table.rows:
             grid.add_row(*row)
-        return grid
-    parts: list[Any] = [Text(table.title, style="bold")] if table.title else []
+        return Group(*title, grid, *caption)
     label = max(len(c) for c in table.columns[1:]) if len(table.columns) > 1 else 0
+    lines: list[Any] = []
     for row in table.rows:
-        parts.append(Text(row[0], style="bold"))
-        parts += [Text(f"  {col:<{label}}  {cell}") for col, cell in zip(table.columns[1:], row[1:])]
-    if table.caption:
-        parts.append(Text(table.caption, style="dim"))
-    return Group(*parts)
+        lines.append(Text(row[0], style="bold"))
+        lines += [Text(f"  {col:<{label}}  {cell}") for col, cell in zip(table.columns[1:], row[1:])]
+    return Group(*title, *lines, *caption)
 
 
 def show(table: Table, console: Any = None) -> None:

@@ -88,11 +88,14 @@ def _stats_over(windows: torch.Tensor, fn: LogitsFn, base_fn: LogitsFn | None, b
             TokenStats(cat(base_parts, "nll")))
 
 
-def compare(sets: list[EvalSet], fn: LogitsFn, base_fn: LogitsFn, batch: int = 4) -> dict[str, dict[str, float]]:
-    """Drift per evaluation source plus an `all` row over every token."""
+def compare(sets: list[EvalSet], fn: LogitsFn, base_fn: LogitsFn, batch: int = 4,
+            on_source: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Drift per evaluation source plus an `all` row over every token (`on_source(name)` after each)."""
     result, all_m, all_b = {}, [], []
     for s in sets:
         m, b = _stats_over(s.windows, fn, base_fn, batch, None)
+        if on_source is not None:
+            on_source(s.name)
         result[s.name] = summarize(m, b)
         all_m.append(m)
         all_b.append(b)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sc2quant.core import artifact
-from sc2quant.core.console import console
+from sc2quant.core.console import progress
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.tables import Table, fmt, markdown
@@ -67,18 +67,28 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
     labels = [model_label(p) for p in paths]
     labels = [f"{lab} ({p.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
     entries = [(base_source.path, "baseline", base)] + [(p, lab, None) for p, lab in zip(paths, labels)]
-    for path, label, model in entries:
-        console.print(f"[bold]evaluating[/] {label} ({path})")
-        model = model or load(path, device=device, verify=False, threads=threads, dtype=dtype)
-        row: dict[str, Any] = {"path": str(path), "label": label, "bytes_on_disk": dir_bytes(path)}
-        row["drift"] = compare(sets, model.logits, base.logits)
-        if humaneval:
-            row["humaneval"] = _humaneval(model, humaneval_limit)
-        if speed:
-            row.update(measure_in_child(path, device, threads=threads, dtype=dtype, verify=False))
-        rows[str(path)] = row
-        if model is not base:
-            del model
+    steps = len(sets) + (1 if speed else 0)  # per model: one step per evaluation source, one for speed
+    with progress() as bar:
+        task = bar.add_task("report", total=len(entries) * steps)
+        for path, label, model in entries:
+            def step(what: str, label: str = label) -> None:
+                bar.update(task, description=f"{label}: {what}")
+
+            step("loading")
+            model = model or load(path, device=device, verify=False, threads=threads, dtype=dtype)
+            row: dict[str, Any] = {"path": str(path), "label": label, "bytes_on_disk": dir_bytes(path)}
+            step("drift")
+            row["drift"] = compare(sets, model.logits, base.logits, on_source=lambda _: bar.advance(task))
+            if humaneval:
+                step("HumanEval")
+                row["humaneval"] = _humaneval(model, humaneval_limit)
+            if speed:
+                step("speed and peak memory (fresh process)")
+                row.update(measure_in_child(path, device, threads=threads, dtype=dtype, verify=False))
+                bar.advance(task)
+            rows[str(path)] = row
+            if model is not base:
+                del model
     result = {"baseline": str(base_source.path), "evaluation": {"sources": [s.name for s in sets], "seqlen": seqlen,
               "stride": stride or seqlen, "windows_per_source": max_windows,
               "tokens": {s.name: int(s.windows.numel()) for s in sets}}, "models": list(rows.values())}

@@ -43,6 +43,7 @@ def export_onnx(
     device: str = "cpu",
     force: bool = False,
     lm_head: str | None = None,
+    given: set[str] | None = None,
 ) -> Path:
     """Export `model` (directory, hub id, artifact, or None for the embedded model) to `out`.
 
@@ -51,7 +52,13 @@ def export_onnx(
     or with zero points). A GPTQ checkpoint keeps its own int4 weights, group size and zeros.
     lm_head (int4 weights only): "int4" (tied with the embedding), "int8", or "float"; default
     int4, or float for a GPTQ checkpoint (which leaves its lm_head unquantized).
+    given: the options the user set (default: those that differ from their defaults); one that
+    does not apply (an int4 setting for a float export, a grid setting for a GPTQ checkpoint,
+    whose grid is carried over) is refused.
     """
+    if given is None:
+        given = {k for k, v, d in (("weights", weights, "fp"), ("block_size", block_size, 32),
+                                   ("symmetric", symmetric, True), ("lm_head", lm_head, None)) if v != d}
     _check_options(dtype, weights, block_size, device)
     if lm_head not in (None, *LM_HEADS):
         raise UserError(f"unknown --lm-head '{lm_head}': choose one of {', '.join(LM_HEADS)}")
@@ -60,11 +67,13 @@ def export_onnx(
     config = read_config(source.path)
     gptq = _check_source(source, config)
     if gptq is not None:
-        weights, block_size, symmetric = _gptq_settings(gptq, weights, block_size, symmetric)
+        _refuse(given & {"block_size", "symmetric"} | ({"weights"} if weights == "fp" and "weights" in given else set()),
+                f"{source.id}: a GPTQ checkpoint, whose int4 grid (group {gptq['group_size']}) is carried over as it is")
+        weights, block_size, symmetric = "int4", int(gptq["group_size"]), bool(gptq.get("sym", True))
+    elif weights != "int4":
+        _refuse(given & {"block_size", "symmetric", "lm_head"}, "a float export (add --weights int4)")
     check_tokenizer(source.path)
     out = artifact.output_path(out, default_out(source, dtype, weights, block_size, symmetric))
-    if lm_head is not None and weights != "int4":
-        raise UserError("--lm-head applies to int4 exports only: add --weights int4 or drop --lm-head")
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or ("float" if gptq else "int4"))
     started = time.monotonic()
     with artifact.staging(out, force, VERB, [source.path]) as tmp:
@@ -81,8 +90,7 @@ def export_onnx(
             source=artifact.source_identity(source.id, source.kind, source.path),
             verb=VERB,
         )
-        with console.status("writing checksums"):
-            artifact.commit(tmp, out, manifest, force)
+        artifact.commit(tmp, out, manifest, force)
     console.print(f"[green]exported[/] {source.id} -> {out} ({manifest.method}, "
                   f"window {facts['local_window_size']}, {dir_bytes(out) / 2**20:.1f} MiB)")
     return out
@@ -173,12 +181,10 @@ def _check_g_idx(path: Path, group_size: int) -> None:
                                     "on the CPU cannot run: re-quantize with act_order false")
 
 
-def _gptq_settings(quant: dict[str, Any], weights: str, block_size: int, symmetric: bool) -> tuple[str, int, bool]:
-    group, sym = int(quant["group_size"]), bool(quant.get("sym", True))
-    if (weights, block_size, symmetric) != ("int4", group, sym):
-        console.print(f"GPTQ checkpoint: carrying its int4 weights over as they are (group {group}, "
-                      f"{'symmetric' if sym else 'with zero points'}); --weights/--block-size/--symmetric do not apply")
-    return "int4", group, sym
+def _refuse(options: set[str], what: str) -> None:
+    if options:
+        flags = ", ".join("--" + o.replace("_", "-") for o in sorted(options))
+        raise UserError(f"{flags} {'does' if len(options) == 1 else 'do'} not apply to {what}: drop it")
 
 
 def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, lm_head: str):

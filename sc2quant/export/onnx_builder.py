@@ -9,6 +9,14 @@ LayerNorm with bias (not RMSNorm), a non-gated MLP `c_fc -> gelu -> c_proj` with
 `norm_epsilon`, every layer a sliding-window layer, and `"type": "decoder"` for the runtime.
 GPTQ checkpoints go through the builder's own GPTQ loader (`QuantModel`), told that
 StarCoder2's MLP is named `c_fc`/`c_proj`.
+
+Memory: the builder would load the whole model with transformers and, for int4, serialise the
+whole fp32 graph into one protobuf before quantizing it (12.5 GB for the 3B shape). Here the
+model is a skeleton on the meta device whose parts are read from the checkpoint just before
+the builder turns them into graph nodes (`TensorReader`: one tensor at a time, no mapping),
+every MatMul is quantized on the spot with the same MLAS kernel the builder's end pass uses,
+and a quantized layer's float weights are dropped once it is built. Peak memory is then the
+output being built plus one layer, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -33,6 +41,27 @@ from sc2quant.core.errors import UserError
 GPTQModel = importlib.import_module("loaders.gptq").GPTQModel
 
 MODEL_FILE = "model.onnx"
+INT_TYPES = (genai_builder.ir.DataType.INT4, genai_builder.ir.DataType.UINT4)
+
+
+@contextlib.contextmanager
+def _unmapped_safetensors() -> Iterator[None]:
+    """The builder's GPTQ loader reads each shard with safetensors' `load_file`, which maps the
+    file: its pages would count in memory on top of the tensors. Read them with plain reads."""
+    from sc2quant.core.tensorfile import TensorReader
+
+    loader_base = importlib.import_module("loaders.base")
+    mapped = loader_base.load_file
+
+    def load_file(path: str) -> dict[str, Any]:
+        reader = TensorReader([Path(path)])
+        return {name: reader.get(name) for name in reader.names()}
+
+    loader_base.load_file = load_file
+    try:
+        yield
+    finally:
+        loader_base.load_file = mapped
 
 
 class StarCoder2GPTQ(GPTQModel):
@@ -50,6 +79,7 @@ class StarCoder2Model(genai_builder.Model):
     """The builder's generic decoder with StarCoder2's LayerNorm, MLP and sliding window."""
 
     on_layer: Callable[[int], None] | None = None  # progress callback, set by `build`
+    lm_head_bits: int = 4  # int4 exports: 4, or 8 (`BuildOptions.lm_head == "int8"`), set by `build`
 
     def __init__(self, config, io_dtype, onnx_dtype, ep, cache_dir, extra_options):
         super().__init__(config, io_dtype, onnx_dtype, ep, cache_dir, extra_options)
@@ -68,17 +98,18 @@ class StarCoder2Model(genai_builder.Model):
         return True
 
     def make_matmul_nbits(self, matmul, basename, root_input, **kwargs):
-        # The builder emits float MatMuls and quantizes them all at the end (`to_nbits`), which
-        # first serialises the whole fp32 model into one protobuf: ~12 GB for a 3B model on top
-        # of the loaded weights. Quantizing each weight here, with the same MLAS kernel, keeps
-        # only int4 data in memory. The lm_head is left to `to_nbits` so that the builder's
-        # tied GatherBlockQuantized embedding finds the names it expects.
-        later = basename == "/lm_head/MatMul" or basename in self.quant_attrs["nodes_to_exclude"]
-        if hasattr(matmul, "qweight") or later:
+        # Quantize each weight here, with the same MLAS kernel as the builder's `to_nbits`, instead
+        # of serialising the whole fp32 graph for it at the end. Excluded nodes stay float.
+        if hasattr(matmul, "qweight") or basename in self.quant_attrs["nodes_to_exclude"]:
             return super().make_matmul_nbits(matmul, basename, root_input, **kwargs)
-        return super().make_matmul_nbits(self._quantize_now(matmul.weight), basename, root_input, **kwargs)
+        bits = self.lm_head_bits if basename == "/lm_head/MatMul" else 4
+        return super().make_matmul_nbits(self._quantize_now(matmul.weight, bits), basename, root_input, **kwargs)
 
-    def _quantize_now(self, weight: Any) -> SimpleNamespace:
+    def to_nbits(self):
+        return self.model  # every MatMul that is to be quantized already is (make_matmul_nbits)
+
+    def _quantize_now(self, weight: Any, bits: int = 4) -> SimpleNamespace:
+        import torch
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
             DefaultWeightOnlyQuantizer,
@@ -87,21 +118,25 @@ class StarCoder2Model(genai_builder.Model):
         block = self.quant_attrs["matmul_block_size"]
         symmetric = self.quant_attrs["is_symmetric"]
         quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-            block_size=block, is_symmetric=symmetric, accuracy_level=self.quant_attrs["accuracy_level"], bits=4))
-        w = weight.detach().float().T.contiguous().numpy()  # [K, N], as MatMul consumes it
+            block_size=block, is_symmetric=symmetric, accuracy_level=self.quant_attrs["accuracy_level"], bits=bits))
+        io = torch.float16 if self.io_dtype == genai_builder.ir.DataType.FLOAT16 else torch.float32
+        w = weight.detach().to(io).T.contiguous().numpy()  # [K, N] in the graph's float type, as `to_nbits` sees it
         packed, scales, zero_points = quantizer.qbits_block_quant(w)
         return SimpleNamespace(
-            qweight=packed, scales=scales.reshape(-1), qzeros=None if symmetric else zero_points.reshape(-1),
-            g_idx=None, bits=4, group_size=block, in_features=w.shape[0], out_features=w.shape[1])
+            qweight=packed, scales=scales, qzeros=None if symmetric else zero_points,  # shaped as `to_nbits` stores them
+            g_idx=None, bits=bits, group_size=block, in_features=w.shape[0], out_features=w.shape[1])
 
     def make_tied_quantized_embedding_input_names(self):
-        # The builder names the asymmetric lm_head's initializers wrongly for its "default"
-        # quantizer (no scales, no zero points), so the embedding Gather would read raw bytes.
-        # These are the names MatMulNBitsQuantizer actually writes.
-        bits, weight, scales, zeros = super().make_tied_quantized_embedding_input_names()
-        if not self.quant_attrs["is_symmetric"] and self.quantization_algo == "default":
-            return bits, "lm_head.MatMul.weight_Q4", "lm_head.MatMul.weight_scales", "lm_head.MatMul.weight_zero_points"
-        return bits, weight, scales, zeros
+        # The tied embedding's GatherBlockQuantized reads the lm_head's int4 matrix: quantize it
+        # now (the embedding comes first) under the names of a pre-quantized lm_head.
+        lm_head = self.weights.lm_head
+        if getattr(lm_head, "qweight", None) is None and getattr(lm_head, "weight", None) is not None:
+            self._materialize(lm_head)
+            quantized = self._quantize_now(lm_head.weight, self.lm_head_bits)
+            for key, value in vars(quantized).items():
+                setattr(lm_head, key, value)
+            self._release(lm_head)
+        return super().make_tied_quantized_embedding_input_names()
 
     def get_mlp_module(self, layer_id, layer):
         mlp = layer.mlp
@@ -109,23 +144,80 @@ class StarCoder2Model(genai_builder.Model):
             return SimpleNamespace(fc1=mlp.c_fc, fc2=mlp.c_proj)
         return SimpleNamespace(fc1=mlp.up_proj, fc2=mlp.down_proj)  # GPTQ loader (renamed)
 
-    def make_layer(self, layer_id, layer):
-        super().make_layer(layer_id, layer)
-        if self.on_layer is not None:
-            self.on_layer(layer_id)
+    # --- reading the checkpoint part by part ----------------------------------------------
 
     def load_weights(self, input_path):
         if self.quant_type == "gptq":
-            return StarCoder2GPTQ(
-                self.quant_type,
-                input_path=input_path,
-                quant_attrs=self.quant_attrs,
-                q_size=self.num_attn_heads * self.head_size,
-                kv_size=self.num_kv_heads * self.head_size,
-                intermediate_size=self.intermediate_size,
-                num_layers=self.num_layers,
-            )
-        return super().load_weights(input_path)
+            with _unmapped_safetensors():
+                return StarCoder2GPTQ(
+                    self.quant_type,
+                    input_path=input_path,
+                    quant_attrs=self.quant_attrs,
+                    q_size=self.num_attn_heads * self.head_size,
+                    kv_size=self.num_kv_heads * self.head_size,
+                    intermediate_size=self.intermediate_size,
+                    num_layers=self.num_layers,
+                )
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from sc2quant.core.tensorfile import TensorReader
+
+        config = AutoConfig.from_pretrained(input_path, trust_remote_code=False)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        self._reader = TensorReader.of(Path(input_path))
+        self._names = {module: name for name, module in skeleton.named_modules()}
+        return skeleton
+
+    def _materialize(self, module: Any) -> None:
+        """Read `module`'s parameters that are still on the meta device from the checkpoint."""
+        import torch
+
+        reader = getattr(self, "_reader", None)
+        if reader is None:
+            return  # GPTQ: the builder's loader has read everything already
+        prefix = self._names[module]
+        for name, param in list(module.named_parameters()):
+            if param.device.type != "meta":
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            if key not in reader and key == "lm_head.weight":
+                key = "model.embed_tokens.weight"  # tied: the embedding is the lm_head
+            owner = module.get_submodule(name.rpartition(".")[0])
+            setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(reader.get(key), requires_grad=False))
+
+    def _release(self, module: Any) -> None:
+        """Drop the float weights of a quantized part: the graph holds its int4 data now."""
+        import torch
+
+        if getattr(self, "_reader", None) is None or self.onnx_dtype not in INT_TYPES:
+            return  # float exports keep them: their initializers read them when the graph is saved
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear) and sub.weight.device.type != "meta":
+                sub.weight = torch.nn.Parameter(torch.empty(sub.weight.shape, device="meta"), requires_grad=False)
+
+    def make_embedding(self, embedding):
+        if embedding.device.type == "meta" and not (self.tied_quantized_embeddings or self.tied_unquantized_embeddings):
+            self._materialize(self.weights.model.embed_tokens)  # a tied embedding is read as the lm_head
+            embedding = self.weights.model.embed_tokens.weight
+        return super().make_embedding(embedding)
+
+    def make_layer(self, layer_id, layer):
+        self._materialize(layer)
+        super().make_layer(layer_id, layer)
+        self._release(layer)
+        if self.on_layer is not None:
+            self.on_layer(layer_id)
+
+    def make_layernorm(self, layer_id, layernorm, skip, simple, location):
+        self._materialize(layernorm)  # the final norm (a layer's norms are read with the layer)
+        return super().make_layernorm(layer_id, layernorm, skip, simple, location)
+
+    def make_lm_head(self, lm_head):
+        self._materialize(lm_head)
+        super().make_lm_head(lm_head)
+        self._release(lm_head)
 
     def update_genai_config(self, genai_config):
         # onnxruntime-genai knows no "starcoder2" type; a plain decoder is what this graph is.
@@ -186,7 +278,6 @@ def _extra_options(opts: BuildOptions) -> dict[str, Any]:
         # GatherBlockQuantized reads 4-bit data only, so the embedding stays float (one row is
         # read per token; the lm_head, read whole at every step, is what costs time).
         extra["nodes_to_exclude"] = "/model/embed_tokens/Gather"
-        extra["matmul_mixed_precision"] = "last_matmul:int8"
     return extra
 
 
@@ -202,7 +293,10 @@ def build(
     Mirrors the builder's `create_model`, whose architecture switch has no StarCoder2 entry.
     The builder's refusals (an unsupported RoPE scaling, activation, ...) become UserErrors.
     """
+    from sc2quant.core.system import return_freed_memory
+
     ir = genai_builder.ir  # onnx_ir, as the builder imports it
+    return_freed_memory()
 
     cache_dir = out / ".builder-cache"
     with _quiet_builder() as log:
@@ -219,6 +313,7 @@ def build(
             onnx_dtype = genai_builder.set_onnx_dtype(opts.precision, extra)
             model = StarCoder2Model(config, io_dtype, onnx_dtype, opts.ep, str(cache_dir), extra)
             model.on_layer = on_layer
+            model.lm_head_bits = 8 if opts.lm_head == "int8" else 4
             model.make_model(str(src))
             on_stage("save")
             model.save_model(str(out))

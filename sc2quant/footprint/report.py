@@ -100,14 +100,14 @@ def report(spec: str | Path | Shape = "7b", context: int | None = None, batch: i
 def tables(data: dict[str, Any]) -> list[Table | str]:
     """Tables and note lines for a `report`, in print order."""
     shape, params = data["shape"], data["parameters"]
-    methods = Table(["method", "weights MB", "resident MB", "resident GB", "metadata+buffers MB", "saved MB"],
+    methods = Table(["method", "weights MB", "resident MB", "metadata + buffers MB", "saved MB"],
                     title=f"{shape['name']}: P = {params['P']:,} parameters (Q = {params['Q']:,} in decoder Linears)",
-                    caption="MB = 10^6 bytes, GB = 10^9. resident = weights + scales/zeros/absmax/SCB/quant_map + "
-                            "buffers; ~ = within a few bytes per layer", right={1, 2, 3, 4, 5})
+                    caption="MB = 10^6 bytes. resident = weights + scales/zeros/absmax/SCB/quant_map + buffers; "
+                            "~ = within a few bytes per layer", right={1, 2, 3, 4})
     for r in data["methods"]:
         saved = f"{r['saved_bytes'] / MB:.2f}" if r["saved_exact"] else f"~{r['saved_bytes'] / MB:.2f}"
         methods.add(r["method"], f"{r['weight_bytes'] / MB:.2f}", f"{r['resident_bytes'] / MB:.2f}",
-                    f"{r['resident_bytes'] / GB:.3f}", f"{(r['resident_bytes'] - r['weight_bytes']) / MB:.2f}", saved)
+                    f"{(r['resident_bytes'] - r['weight_bytes']) / MB:.2f}", saved)
     out: list[Table | str] = [methods, *_notes(data["methods"]), _kv_table(data)]
     if "legacy_card" in data:
         out.append(_legacy_table(data["legacy_card"]["rows"]))

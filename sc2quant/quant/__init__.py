@@ -31,9 +31,23 @@ def get_quantizer(name: str) -> Quantizer:
     return getattr(importlib.import_module(module), cls)()
 
 
-def quantize(opts: QuantizeOptions) -> Path:
-    """Quantize `opts.model` with `opts.method`; returns the artifact's directory."""
+COMMON_OPTIONS = {"model", "out", "method", "device", "force", "allow_pickle", "extra"}
+
+
+def quantize(opts: QuantizeOptions, given: set[str] | None = None) -> Path:
+    """Quantize `opts.model` with `opts.method`; returns the artifact's directory.
+
+    given: the options the user set; one that `opts.method` does not read is refused (default:
+    every option that differs from its default)."""
     quantizer = get_quantizer(opts.method)
+    if given is None:
+        defaults = QuantizeOptions()
+        given = {f for f in QuantizeOptions.__dataclass_fields__ if getattr(opts, f) != getattr(defaults, f)}
+    extra = sorted(set(given) - COMMON_OPTIONS - set(quantizer.options))
+    if extra:
+        flags = ", ".join("--" + e.replace("_", "-") for e in extra)
+        raise UserError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to --method {opts.method}: drop it "
+                        "(from the command line or the recipe)")
     source = resolve_source(opts.model)
     config = read_config(source.path)
     weight_files(source.path, opts.allow_pickle)

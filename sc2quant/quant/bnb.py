@@ -1,10 +1,13 @@
-"""bitsandbytes int8 (LLM.int8) and int4 (nf4/fp4, optional double quant), CPU or CUDA.
+"""bitsandbytes int8 (LLM.int8) and int4 (nf4/fp4, optional double quant).
 
-Written exactly as transformers writes it (`save_pretrained` of a model quantized while
-loading) and loaded back by transformers (the runtime's torch engine, artifact kind "bnb").
-The checkpoint is saved right after quantization, before any forward pass: on AVX512-BF16
-CPUs bitsandbytes repacks 4-bit weights in place on the first forward, and its inverse is
-lossy (`sc2quant.core.hf.assert_savable` refuses to save such a model).
+The checkpoint is exactly what transformers writes (`save_pretrained` of a model quantized
+while loading; tested tensor for tensor) and transformers loads it back (the runtime's torch
+engine, artifact kind "bnb"). It is written tensor by tensor (`sc2quant.quant.stream`): each
+decoder Linear goes through bitsandbytes' own `Linear4bit`/`Linear8bitLt` exactly as
+transformers' integration builds them, so memory never holds the model. Quantizing while
+transformers loads would hold all of it (8.7 GB for the 3B shape). Nothing here runs a
+forward: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights on the first forward, and its
+inverse is lossy (`sc2quant.core.hf.assert_savable` refuses to save such a model).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sc2quant.core.console import console
+import torch
+from transformers import AutoConfig
+
 from sc2quant.core.errors import UserError
-from sc2quant.core.hf import assert_savable, load_model
+from sc2quant.core.hf import assert_savable
 from sc2quant.core.names import BNB_4BIT_TYPES, Method
 from sc2quant.core.source import ModelSource
 from sc2quant.quant.base import QuantizeOptions, Quantizer
+from sc2quant.quant.stream import rewrite
 
 BNB_BITS = (4, 8)
 COMPUTE_DTYPES = ("bf16", "fp32", "fp16")
@@ -57,46 +63,39 @@ class BnbQuantizer(Quantizer):
         return {"llm_int8_threshold": 6.0} if opts.bits == 8 else super().params(opts)
 
     def run(self, opts: QuantizeOptions, source: ModelSource, tmp: Path, prepared: Any, device: str) -> dict[str, Any]:
-        """Quantize while loading, save at once (no forward in between), and describe what was done."""
+        """Quantize each decoder Linear with bitsandbytes' own modules, write them as they come."""
         config = bnb_config(opts.bits, opts.quant_type, opts.double_quant, opts.compute_dtype)
-        model = load_model(source.path, device=device, allow_pickle=opts.allow_pickle, quantization_config=config).model
-        assert_savable(model)
-        info = describe(model)
-        with console.status("saving"):
-            model.save_pretrained(str(tmp))
-        return info
+        done = rewrite(source.path, tmp, lambda _, weight, bias: linear_state(config, weight, bias, device),
+                       f"bitsandbytes {self.method(opts).name}")
+        hf_config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+        hf_config.quantization_config = config
+        hf_config.dtype = torch.bfloat16
+        hf_config.save_pretrained(str(tmp))
+        return done.describe()
 
 
-def describe(model: Any) -> dict[str, Any]:
-    """Which modules were quantized, which tensors were kept, and the true bytes of each part.
-
-    transformers' get_memory_footprint() misses SCB / absmax / quant_state; the state dict has them.
-    """
+def linear_state(config: Any, weight: torch.Tensor, bias: torch.Tensor | None, device: str) -> dict[str, torch.Tensor]:
+    """What transformers stores for one Linear quantized by `config`: the module's state dict
+    after bitsandbytes quantized its weight (transformers.integrations.bitsandbytes does the same)."""
     import bitsandbytes as bnb
 
-    quant_modules = [n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
-    state = model.state_dict()
-    qbytes = kept_bytes = 0
-    kept: list[str] = []
-    for key, tensor in state.items():
-        module = key.rsplit(".", 2)[0] if ".weight." in key else key.rsplit(".", 1)[0]
-        size = tensor.numel() * tensor.element_size()
-        if module in quant_modules and not key.endswith(".bias"):
-            qbytes += size
-        else:
-            kept_bytes += size
-            kept.append(key)
-    if model.config.tie_word_embeddings and "lm_head.weight" in kept:
-        kept.remove("lm_head.weight")  # shares the embedding's storage: counted once
-        kept_bytes -= state["lm_head.weight"].numel() * state["lm_head.weight"].element_size()
-    return {
-        "quantized_modules": quant_modules,
-        "kept_tensors": kept,
-        "quantized_weight_bytes": qbytes,  # includes SCB / absmax / quant_map / nested stats
-        "kept_bytes": kept_bytes,
-        "total_weight_bytes": qbytes + kept_bytes,
-        "transformers_memory_footprint": model.get_memory_footprint(),
-    }
+    out_features, in_features = weight.shape
+    weight = weight.to(torch.bfloat16)
+    if config.load_in_8bit:
+        module = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, device="meta",
+                                     has_fp16_weights=config.llm_int8_has_fp16_weight,
+                                     threshold=config.llm_int8_threshold)
+        kwargs = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
+        module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, **kwargs).to(device)
+    else:
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, device="meta",
+                                   compute_dtype=config.bnb_4bit_compute_dtype,
+                                   compress_statistics=config.bnb_4bit_use_double_quant,
+                                   quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage)
+        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, **module.weight.__dict__).to(device)
+    if bias is not None:
+        module.bias = torch.nn.Parameter(bias.to(torch.bfloat16).to(device), requires_grad=False)
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def save_bnb(model: Any, out: Path) -> None:

@@ -10,9 +10,11 @@ import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sc2quant.core.console import progress, status
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import contained_gptqmodel_import, load_tokenizer
 from sc2quant.core.names import Method
@@ -58,22 +60,57 @@ class GptqQuantizer(Quantizer):
 
     def run(self, opts: QuantizeOptions, source: ModelSource, tmp: Path, prepared: Any, device: str) -> dict[str, Any]:
         """Calibrate and quantize layer by layer; save the GPTQ v1 checkpoint into `tmp`."""
+        from sc2quant.core.hf import read_config
+
+        layers = int(read_config(source.path)["num_hidden_layers"])
         with contained_gptqmodel_import():
             from gptqmodel import GPTQModel, QuantizeConfig
 
             qcfg = QuantizeConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.act_order, sym=opts.sym,
                                   damp_percent=opts.damp)
-            model = GPTQModel.load(str(source.path), qcfg, device=device, trust_remote_code=False)
+            with status(f"loading {source.path.name} into GPTQModel"):
+                model = GPTQModel.load(str(source.path), qcfg, device=device, trust_remote_code=False)
             calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prepared]
             target = tmp.resolve()  # before chdir: `tmp` may be relative to the user's folder
             # GPTQModel writes logs/ into the working directory: keep it out of the user's folder
             with tempfile.TemporaryDirectory(prefix="sc2quant-gptq-") as scratch, contextlib.chdir(scratch):
-                log = model.quantize(calib, batch_size=8)
-                model.save(str(target))
+                with progress() as bar, _layer_progress(model, bar, layers, len(calib)):
+                    log = model.quantize(calib, batch_size=8)
+                with status("saving the GPTQ checkpoint"):
+                    model.save(str(target))
         (tmp / "quant_log.csv").unlink(missing_ok=True)  # GPTQModel's side file; the manifest keeps the losses
         config = json.loads((tmp / "config.json").read_text())
         return {"layer_errors": _layer_errors(log), "peak_rss_bytes": peak_rss_self(),
                 "quantization_config": config.get("quantization_config", {})}
+
+
+@contextlib.contextmanager
+def _layer_progress(model: Any, bar: Any, layers: int, samples: int) -> Iterator[None]:
+    """GPTQModel's per-layer progress (its layer callback) and each module's loss (the rows its
+    processors log), shown in sc2quant's own display."""
+    from gptqmodel.looper.loop_processor import LoopProcessor
+
+    task = bar.add_task(f"GPTQ on {samples} samples", total=layers)
+    losses: list[float] = []
+    log_new_row = LoopProcessor.log_new_row
+
+    def row(processor: Any, stat: dict[str, Any]) -> Any:
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            losses.append(float(stat["loss"]))
+        return log_new_row(processor, stat)
+
+    def layer_done(layer_idx: int, submodule_finalized: bool) -> None:
+        if submodule_finalized and layer_idx < layers:
+            loss = f", last loss {losses[-1]:.3g}" if losses else ""
+            bar.update(task, completed=layer_idx + 1, description=f"GPTQ layer {layer_idx + 1}/{layers}{loss}")
+
+    model.layer_callback = layer_done
+    LoopProcessor.log_new_row = row  # GPTQModel has no loss callback; restored right after
+    try:
+        yield
+    finally:
+        LoopProcessor.log_new_row = log_new_row
+        model.layer_callback = None
 
 
 def _layer_errors(log: Any) -> list[dict[str, Any]]:

@@ -93,3 +93,16 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, m
         "meta": {"quantizer": [f"sc2quant:{method}"]},
         **extra,
     }
+
+
+def quantize_rtn_rows(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True,
+                      rows: int = 1024) -> dict[str, torch.Tensor]:
+    """`quantize_rtn` over blocks of output rows: the same tensors, with the float and int64
+    temporaries of one block instead of the whole matrix (a 7B MLP matrix is 340 MB in fp32)."""
+    per = 32 // bits
+    rows = max(per, rows // per * per)  # qzeros pack `per` output rows into one int32 word
+    if weight.shape[0] <= rows:
+        return quantize_rtn(weight, bits, group_size, sym)
+    parts = [quantize_rtn(weight[i:i + rows], bits, group_size, sym) for i in range(0, weight.shape[0], rows)]
+    return {"qweight": torch.cat([p["qweight"] for p in parts], dim=1), "qzeros": torch.cat([p["qzeros"] for p in parts], dim=1),
+            "scales": torch.cat([p["scales"] for p in parts], dim=1), "g_idx": parts[0]["g_idx"]}

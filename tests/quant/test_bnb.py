@@ -69,8 +69,13 @@ def test_manifest_records_what_was_done(bnb_artifacts):
     assert len(m.params["quantized_modules"]) == 6 * 6  # q, k, v, o, c_fc, c_proj in 6 layers
     assert "model.embed_tokens.weight" in m.params["kept_tensors"]
     assert any(k.endswith("input_layernorm.weight") for k in m.params["kept_tensors"])
-    # true bytes include absmax/quant_state, which transformers' footprint leaves out
-    assert m.params["quantized_weight_bytes"] + m.params["kept_bytes"] > m.params["transformers_memory_footprint"]
+    # true bytes include absmax/quant_state (which get_memory_footprint() leaves out): what footprint predicts
+    from sc2quant import footprint as fp
+    from sc2quant.core.hf import read_config
+
+    predicted = fp.predict_method(fp.shape_from_config(read_config(bnb_artifacts["nf4-dq"])), "bnb-nf4-dq")
+    assert m.params["total_weight_bytes"] > predicted.weight_bytes
+    assert abs(m.params["total_weight_bytes"] - predicted.saved_bytes) <= 8 * len(m.params["quantized_modules"])
     int8 = read_manifest(bnb_artifacts["int8"])
     assert int8.params["quantized_weight_bytes"] > m.params["quantized_weight_bytes"]
     assert m.source["id"] and m.source["weights_sha256"]
@@ -178,3 +183,28 @@ def test_recipe_and_flag_override(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     m = read_manifest(out)
     assert m.method == "bnb-fp4" and m.bits == 4  # bits from the recipe, quant type from the flag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(bits=8), dict(bits=4, quant_type="nf4"),
+                                     dict(bits=4, quant_type="nf4", double_quant=True), dict(bits=4, quant_type="fp4")],
+                         ids=["int8", "nf4", "nf4-dq", "fp4"])
+def test_streamed_checkpoint_is_what_transformers_writes(tiny_model_dir, tmp_path, options):
+    """The tensor-by-tensor writer and transformers' quantize-while-loading + save_pretrained agree."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sc2quant.quant import QuantizeOptions, quantize
+    from sc2quant.quant.bnb import bnb_config
+
+    ours = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "ours"), method="bnb", **options))
+    config = bnb_config(options["bits"], options.get("quant_type", "nf4"), options.get("double_quant", False), "bf16")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=config, dtype=torch.bfloat16,
+                                                 device_map="cpu", trust_remote_code=False)
+    model.save_pretrained(str(tmp_path / "theirs"))
+    mine, theirs = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    a = json.loads((ours / "config.json").read_text())
+    b = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert a["quantization_config"] == b["quantization_config"] and a["dtype"] == b["dtype"]

@@ -1,0 +1,196 @@
+"""`make bench-scale`: every method on random StarCoder2 models with the real 3B and 7B shapes.
+
+    python -m bench.scale [--shapes 3b,7b] [--work bench/work/scale] [--gptq-samples 32]
+
+Each model is written shard by shard as the hub ships it (bench.models.write_random_sharded).
+Every command runs as a fresh `sc2quant` process; its peak resident memory is its VmHWM, read
+every 20 ms (bench.timing.run_child). Recorded per command: wall time, peak RSS, bytes written,
+the footprint predictor's bytes for the same method and shape, and the bound the issue sets
+(peak <= bytes written + 1.5 GB). GPTQ on the 7B shape would take hours on 2 cores: it runs
+on a copy with 2 of its layers and is projected per layer. 15B is projected from the 3B and
+7B points (peak = a + b x bytes written, fitted on each method's two points, at 15B's predicted
+output). Results: bench/results/<date>-scale.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.models import REAL_SHAPES, write_random_sharded
+from bench.timing import run_child
+from sc2quant.core.console import console
+from sc2quant.core.files import dir_bytes
+from sc2quant.core.system import machine, tool_versions
+from sc2quant.core.tables import Table, markdown
+
+GB = 10**9
+BOUND = int(1.5 * GB)
+SC2QUANT = [sys.executable, "-m", "sc2quant"]
+
+
+def methods(model: Path, work: Path, gptq_samples: int, shape: str) -> list[dict[str, Any]]:
+    """(name, command, output, footprint method) of every run, in order (later ones read earlier outputs)."""
+    rtn = work / "rtn-int4-g128"
+    runs = [
+        ("quantize rtn int4 g128", ["quantize", str(model), "--method", "rtn", "--out", str(rtn)], rtn, "gptq-int4-g128"),
+        ("quantize bnb int8", ["quantize", str(model), "--method", "bnb", "--bits", "8", "--out", str(work / "bnb8")],
+         work / "bnb8", "bnb-int8"),
+        ("quantize bnb nf4", ["quantize", str(model), "--method", "bnb", "--bits", "4", "--out", str(work / "nf4")],
+         work / "nf4", "bnb-nf4"),
+        ("export onnx int4", ["export", "onnx", str(model), "--weights", "int4", "--out", str(work / "onnx-int4")],
+         work / "onnx-int4", "onnx-int4-b32-sym"),
+        ("export onnx int4 from GPTQ-format", ["export", "onnx", str(rtn), "--out", str(work / "onnx-gptq")],
+         work / "onnx-gptq", None),
+        ("export onnx fp16", ["export", "onnx", str(model), "--dtype", "fp16", "--out", str(work / "onnx-fp16")],
+         work / "onnx-fp16", "onnx-fp16"),
+        ("run GPTQ-format int4 (load + 8 tokens)", ["run", str(rtn), "--prompt", "def f(x):", "--max-new-tokens", "8"],
+         None, None),
+        ("run ONNX int4 (load + 8 tokens)", ["run", str(work / "onnx-int4"), "--prompt", "def f(x):",
+                                             "--max-new-tokens", "8"], None, None),
+    ]
+    if shape == "3b":
+        gptq = work / "gptq"
+        runs.insert(1, ("quantize gptq int4 g128", ["quantize", str(model), "--out", str(gptq), "--calib-samples",
+                                                    str(gptq_samples), "--calib-seqlen", "512"], gptq, "gptq-int4-g128"))
+    return [dict(zip(("name", "args", "out", "footprint"), r)) for r in runs]
+
+
+def measure(args: list[str]) -> dict[str, Any]:
+    t = time.monotonic()
+    _, peak = run_child([*SC2QUANT, *args], env={"HF_HUB_OFFLINE": "1"})
+    return {"seconds": time.monotonic() - t, "peak_rss_bytes": peak}
+
+
+def run_shape(shape: str, root: Path, gptq_samples: int) -> dict[str, Any]:
+    from sc2quant.footprint import PRESETS, predict_method
+
+    model = root / f"starcoder2-{shape}-random"
+    if not model.exists():
+        with console.status(f"writing a random {shape} StarCoder2"):
+            write_random_sharded(model, **REAL_SHAPES[shape])
+    work = root / f"{shape}-outputs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = []
+    for run in methods(model, work, gptq_samples, shape):
+        console.print(f"{shape}: {run['name']}")
+        row = {"method": run["name"], **measure(run["args"])}
+        if run["out"] is not None:
+            row["bytes_written"] = dir_bytes(run["out"])
+            if run["footprint"]:
+                row["footprint_saved_bytes"] = predict_method(PRESETS[shape], run["footprint"]).saved_bytes
+        else:  # a load: the artifact's weights are what must be held
+            row["bytes_written"] = 0
+        held = row["bytes_written"] or dir_bytes(Path(run["args"][1]))
+        row["bound_bytes"] = held + BOUND
+        row["within_bound"] = row["peak_rss_bytes"] <= row["bound_bytes"]
+        rows.append(row)
+        if run["out"] is not None and run["name"].startswith("export onnx fp16"):
+            shutil.rmtree(run["out"])  # 14 GB at 7B: measured, not kept
+    if shape == "7b":
+        rows.append(gptq_per_layer(root, gptq_samples))
+    return {"model": str(model), "model_bytes": dir_bytes(model), "rows": rows}
+
+
+def gptq_per_layer(root: Path, samples: int) -> dict[str, Any]:
+    """GPTQ on the 7B shape cut to 2 layers, projected to 32 (wall time; memory per layer)."""
+    model = root / "starcoder2-7b-2layers-random"
+    if not model.exists():
+        write_random_sharded(model, **{**REAL_SHAPES["7b"], "num_hidden_layers": 2})
+    out = root / "7b-2layers-gptq"
+    shutil.rmtree(out, ignore_errors=True)
+    row = {"method": f"quantize gptq int4 g128 (2 of 32 layers, {samples} samples; projected)",
+           **measure(["quantize", str(model), "--out", str(out), "--calib-samples", str(samples),
+                      "--calib-seqlen", "512"])}
+    row["bytes_written"] = dir_bytes(out)
+    row["projected_seconds_32_layers"] = row["seconds"] / 2 * 32
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def project_15b(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Peak = a + b x bytes written, fitted per method on the 3B and 7B points, at 15B's predicted output."""
+    from sc2quant.footprint import PRESETS, predict_method
+
+    if not {"3b", "7b"} <= set(result["shapes"]):
+        return []
+    seven = {r["method"]: r for r in result["shapes"]["7b"]["rows"]}
+    out = []
+    for r3 in result["shapes"]["3b"]["rows"]:
+        r7 = seven.get(r3["method"])
+        foot = next((m["footprint"] for m in methods(Path("m"), Path("w"), 1, "3b") if m["name"] == r3["method"]), None)
+        if r7 is None or not foot or r7["bytes_written"] == r3["bytes_written"]:
+            continue
+        slope = (r7["peak_rss_bytes"] - r3["peak_rss_bytes"]) / (r7["bytes_written"] - r3["bytes_written"])
+        written = predict_method(PRESETS["15b"], foot).saved_bytes
+        peak = r7["peak_rss_bytes"] + slope * (written - r7["bytes_written"])
+        out.append({"method": r3["method"], "predicted_bytes_written": written, "projected_peak_rss_bytes": int(peak),
+                    "fits_24_gib": peak < 24 * 2**30})
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"# sc2quant at real sizes, {result['date']}", "",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs, "
+             f"{result['machine']['memory_bytes'] / 2**30:.0f} GiB. Random StarCoder2 weights with the real shapes, "
+             "written as the hub shards them. One fresh `sc2quant` process per row; peak RSS is its VmHWM. "
+             "Bound: peak <= bytes written (for a load: the artifact) + 1.5 GB. GB = 10^9.", ""]
+    for shape, entry in result["shapes"].items():
+        t = Table(["method", "wall s", "peak RSS GB", "written GB", "footprint GB", "bound GB", "within"],
+                  title=f"{shape} ({entry['model_bytes'] / GB:.1f} GB of bf16 weights)", right={1, 2, 3, 4, 5})
+        for r in entry["rows"]:
+            t.add(r["method"], f"{r['seconds']:.0f}", f"{r['peak_rss_bytes'] / GB:.2f}", f"{r['bytes_written'] / GB:.2f}",
+                  f"{r['footprint_saved_bytes'] / GB:.2f}" if "footprint_saved_bytes" in r else "–",
+                  f"{r['bound_bytes'] / GB:.2f}" if "bound_bytes" in r else "–",
+                  {True: "yes", False: "NO"}.get(r.get("within_bound"), "–"))
+        lines += [*markdown(t), ""]
+        for r in entry["rows"]:
+            if "projected_seconds_32_layers" in r:
+                lines += [f"GPTQ on the 7B shape: {r['seconds']:.0f} s for 2 layers, so about "
+                          f"{r['projected_seconds_32_layers'] / 3600:.1f} h for 32 on this machine; peak RSS "
+                          f"{r['peak_rss_bytes'] / GB:.2f} GB with 2 layers.", ""]
+    if result.get("projection_15b"):
+        t = Table(["method", "written GB (predicted)", "peak RSS GB (projected)", "fits 24 GiB"], right={1, 2},
+                  title="15B, projected from the 3B and 7B points")
+        for r in result["projection_15b"]:
+            t.add(r["method"], f"{r['predicted_bytes_written'] / GB:.2f}", f"{r['projected_peak_rss_bytes'] / GB:.2f}",
+                  "yes" if r["fits_24_gib"] else "no")
+        lines += [*markdown(t), ""]
+    lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="3b,7b")
+    ap.add_argument("--work", type=Path, default=Path("bench/work/scale"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--gptq-samples", type=int, default=32)
+    a = ap.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": tool_versions(),
+                              "shapes": {}}
+    for shape in a.shapes.split(","):
+        result["shapes"][shape] = run_shape(shape, a.work, a.gptq_samples)
+        _write(result, a.out)  # each shape as soon as it is measured
+    result["projection_15b"] = project_15b(result)
+    console.print(f"[green]wrote[/] {_write(result, a.out)}")
+    return 0
+
+
+def _write(result: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{result['date']}-scale"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(render(result))
+    return stem.with_suffix(".md")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
