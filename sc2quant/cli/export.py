@@ -33,7 +33,7 @@ def export_onnx_cmd(
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4: grid without or with zero points.")]
     = True,
     lm_head: Annotated[Optional[str], typer.Option(
-        help="int4: lm_head int4 (tied with the embedding), int8 or float [default: int4; float for GPTQ]")] = None,
+        help="int4: lm_head int8 (default; a tied embedding shares it), int4, or float")] = None,
     device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
     threads: ThreadsOpt = None,
     out: Annotated[Optional[str], typer.Option(help="Output directory [default: out/<model>-onnx-<dtype|int4>]")]

@@ -9,6 +9,7 @@ import typer
 from sc2quant.cli.common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     RecipeOpt,
     ThreadsOpt,
@@ -36,6 +37,7 @@ def report_cmd(
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed and peak RSS.")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    engine: EngineOpt = "auto",
     threads: ThreadsOpt = None,
     out: Annotated[Optional[str], typer.Option(help="Write report.md, report.json and tradeoff.png here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a previous report directory.")] = False,
@@ -66,7 +68,7 @@ def report_cmd(
     result = report(v["artifacts"], baseline=v["baseline"], eval_paths=v["eval"], seqlen=v["seqlen"],
                     stride=v["stride"], max_windows=v["max_windows"], humaneval=v["humaneval"],
                     humaneval_limit=v["humaneval_limit"], device=v["device"], speed=v["speed"], out=v["out"],
-                    force=v["force"], threads=v["threads"], dtype=v["dtype"])
+                    force=v["force"], threads=v["threads"], dtype=v["dtype"], engine=v["engine"])
     if as_json:
         print_json(result)
         return

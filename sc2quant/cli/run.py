@@ -9,6 +9,7 @@ import typer
 from sc2quant.cli.common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     ModelArg,
     RecipeOpt,
     ThreadsOpt,
@@ -40,6 +41,7 @@ def run_cmd(
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    engine: EngineOpt = "auto",
     threads: ThreadsOpt = None,
     verify: VerifyOpt = True,
     recipe: RecipeOpt = None,
@@ -69,7 +71,8 @@ def run_cmd(
                     stop=tuple(v["stop"] or ()), seed=v["seed"])
     Sampling(**sampling).validate()  # before loading a model
     check_threads(v["threads"])
-    m = load(v["model"], device=v["device"], verify=v["verify"], threads=v["threads"], dtype=v["dtype"])
+    m = load(v["model"], device=v["device"], verify=v["verify"], threads=v["threads"], dtype=v["dtype"],
+             engine=v["engine"])
     if v["prompt"] is not None:
         text, suffix = text_or_file(v["prompt"]), None
     else:

@@ -18,6 +18,7 @@ from sc2quant.cli.common import (
     command,
     resolve,
 )
+from sc2quant.core.errors import UserError
 
 
 @app.command("serve")
@@ -34,6 +35,12 @@ def serve_cmd(
         "--allow-no-api-key", help="Serve a non-loopback --host without an API key.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    engine: Annotated[str, typer.Option(
+        help="auto (GPTQ on a CPU runs in ONNX Runtime), torch, onnx, or vllm (a vLLM process generates).")] = "auto",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs to shard the model over.")] = 1,
+    vllm_python: Annotated[Optional[str], typer.Option(
+        envvar="SC2QUANT_VLLM_PYTHON", help="vllm: the python of an environment with vLLM [default: .venv-vllm]")]
+    = None,
     threads: ThreadsOpt = None,
     concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 1,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429.")] = 16,
@@ -51,13 +58,21 @@ def serve_cmd(
       sc2quant serve out/embedded-gptq-int4-g128 --port 8000
       curl -s localhost:8000/v1/completions -d '{"prompt": "def add(a, b):"}'
       SC2QUANT_API_KEY=secret sc2quant serve --host 0.0.0.0
+      sc2quant serve out/embedded-gptq-int4-g128 --engine vllm
     """
     from sc2quant.core.system import check_threads
     from sc2quant.runtime.server import Limits, serve
 
-    v, _ = resolve(ctx, recipe)
+    v, given = resolve(ctx, recipe)
     check_threads(v["threads"])
+    vllm_only = {"tensor_parallel_size", "vllm_python"} & given
+    if v["engine"] != "vllm" and vllm_only:
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(vllm_only))} applies to --engine vllm "
+                        "only: add --engine vllm or drop it")
+    if v["engine"] not in ("auto", "torch", "onnx", "vllm"):
+        raise UserError(f"unknown engine '{v['engine']}': choose auto, torch, onnx or vllm")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
                     header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
     serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],
-          api_key=v["api_key"], allow_no_api_key=v["allow_no_api_key"], threads=v["threads"], dtype=v["dtype"])
+          api_key=v["api_key"], allow_no_api_key=v["allow_no_api_key"], threads=v["threads"], dtype=v["dtype"],
+          engine=v["engine"], vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"]})

@@ -34,7 +34,7 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
            seqlen: int = 512, stride: int | None = None, max_windows: int = 8, humaneval: bool = False,
            humaneval_limit: int | None = None, device: str = "cpu", speed: bool = True,
            out: Path | None = None, force: bool = False, write_manifests: bool = True, threads: int | None = None,
-           dtype: str = "auto") -> dict[str, Any]:
+           dtype: str = "auto", engine: str = "auto") -> dict[str, Any]:
     """Measure every artifact against the baseline; optionally write report.md/json and tradeoff.png."""
     from sc2quant.core.data import eval_documents
     from sc2quant.core.source import resolve_source
@@ -75,7 +75,7 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
                 bar.update(task, description=f"{label}: {what}")
 
             step("loading")
-            model = model or load(path, device=device, verify=False, threads=threads, dtype=dtype)
+            model = model or load(path, device=device, verify=False, threads=threads, dtype=dtype, engine=engine)
             row: dict[str, Any] = {"path": str(path), "label": label, "bytes_on_disk": dir_bytes(path)}
             step("drift")
             row["drift"] = compare(sets, model.logits, base.logits, on_source=lambda _: bar.advance(task))
@@ -84,7 +84,7 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
                 row["humaneval"] = _humaneval(model, humaneval_limit)
             if speed:
                 step("speed and peak memory (fresh process)")
-                row.update(measure_in_child(path, device, threads=threads, dtype=dtype, verify=False))
+                row.update(measure_in_child(path, device, threads=threads, dtype=dtype, verify=False, engine=engine))
                 bar.advance(task)
             rows[str(path)] = row
             if model is not base:

@@ -24,14 +24,14 @@ DECODE_TOKENS = 64
 
 def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL_TOKENS, decode: int = DECODE_TOKENS,
             prompt: int | None = None, threads: int | None = None, dtype: str = "auto",
-            verify: bool = True) -> dict[str, Any]:
+            verify: bool = True, engine: str = "auto") -> dict[str, Any]:
     """Load one model, warm up, time a `prefill`-token prompt, then `decode` greedy steps: after
     that prompt, or after a fresh `prompt`-token one. Token ids are deterministic and free of
     special tokens."""
     from sc2quant.runtime import load
 
     t0 = time.perf_counter()
-    model = load(path, device=device, threads=threads, dtype=dtype, verify=verify)
+    model = load(path, device=device, threads=threads, dtype=dtype, verify=verify, engine=engine)
     load_s = time.perf_counter() - t0
     engine = model.engine
     prefill = min(prefill, model.context - decode - 1)

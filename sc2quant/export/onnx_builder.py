@@ -127,8 +127,17 @@ class StarCoder2Model(genai_builder.Model):
             g_idx=None, bits=bits, group_size=block, in_features=w.shape[0], out_features=w.shape[1])
 
     def make_tied_quantized_embedding_input_names(self):
-        # The tied embedding's GatherBlockQuantized reads the lm_head's int4 matrix: quantize it
-        # now (the embedding comes first) under the names of a pre-quantized lm_head.
+        rows = getattr(self, "_embedding_rows", None)
+        if rows is not None:  # an untied embedding quantized on its own (make_embedding)
+            names = ("model.embed_tokens.qweight", "model.embed_tokens.scales", "model.embed_tokens.qzeros")
+            self.make_initializer(rows.qweight, names[0])
+            self.make_initializer(rows.scales, names[1])
+            if rows.qzeros is not None:
+                self.make_initializer(rows.qzeros, names[2])
+            self._embedding_rows = None
+            return rows.bits, names[0], names[1], names[2] if rows.qzeros is not None else ""
+        # The tied embedding's GatherBlockQuantized reads the lm_head's quantized matrix (int4 or
+        # int8): quantize it now (the embedding comes first) under a pre-quantized lm_head's names.
         lm_head = self.weights.lm_head
         if getattr(lm_head, "qweight", None) is None and getattr(lm_head, "weight", None) is not None:
             self._materialize(lm_head)
@@ -201,6 +210,17 @@ class StarCoder2Model(genai_builder.Model):
         if embedding.device.type == "meta" and not (self.tied_quantized_embeddings or self.tied_unquantized_embeddings):
             self._materialize(self.weights.model.embed_tokens)  # a tied embedding is read as the lm_head
             embedding = self.weights.model.embed_tokens.weight
+        if self.onnx_dtype in INT_TYPES and not self.tied_quantized_embeddings and not self.tied_unquantized_embeddings \
+                and self.lm_head_bits == 8 and "/model/embed_tokens/Gather" not in self.quant_attrs["nodes_to_exclude"]:
+            # An untied embedding (15B) in int8 rows too, read by the same GatherBlockQuantized
+            # path as a tied one: 8 bits and a scale per block instead of 32-bit floats.
+            self._embedding_rows = self._quantize_now(embedding, 8)
+            self.tied_quantized_embeddings = True
+            try:
+                return super().make_embedding(embedding)
+            finally:
+                self.tied_quantized_embeddings = False
+                self._release(self.weights.model.embed_tokens)
         return super().make_embedding(embedding)
 
     def make_layer(self, layer_id, layer):
@@ -274,10 +294,8 @@ def _extra_options(opts: BuildOptions) -> dict[str, Any]:
     if opts.lm_head == "float":
         # Keep the tied matrix in float: the lm_head MatMul and the embedding Gather share it.
         extra["nodes_to_exclude"] = "/lm_head/MatMul,/model/embed_tokens/Gather"
-    elif opts.lm_head == "int8":
-        # GatherBlockQuantized reads 4-bit data only, so the embedding stays float (one row is
-        # read per token; the lm_head, read whole at every step, is what costs time).
-        extra["nodes_to_exclude"] = "/model/embed_tokens/Gather"
+    # lm_head int8: the embedding reads the same int8 matrix through an 8-bit GatherBlockQuantized
+    # (ORT 1.32 runs it; the builder assumes 4 bits only), so the tied matrix is stored once.
     return extra
 
 

@@ -66,15 +66,18 @@ class Chunk:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
-         dtype: str = "auto", profile_dir: Path | None = None) -> Model:
+         dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto") -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
 
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
     ("auto": the compute policy of `sc2quant.core.hf`). profile_dir: ONNX Runtime's operator profile.
+    engine: "auto" (the fastest for the artifact and device: a GPTQ artifact on the CPU runs in
+    ONNX Runtime, converted once), "torch" or "onnx".
     """
-    from sc2quant.core.hf import COMPUTE_DTYPES
+    from sc2quant.core.hf import COMPUTE_DTYPES, resolve_device
     from sc2quant.core.source import resolve_source
     from sc2quant.core.system import set_threads
+    from sc2quant.runtime.engines import choose_engine
 
     if dtype not in COMPUTE_DTYPES:
         raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(COMPUTE_DTYPES)}")
@@ -82,10 +85,17 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     manifest = None
     if artifact.is_artifact(source.path):
         manifest = artifact.verify(source.path) if verify else artifact.read_manifest(source.path)
+    kind = manifest.kind if manifest else "hf"
+    chosen = choose_engine(kind, resolve_device(device), engine)
+    run_path = source.path
+    if kind == "gptq" and chosen == "onnx" and manifest is not None:
+        from sc2quant.runtime.convert import converted_onnx
+
+        run_path, kind = converted_onnx(source.path, manifest), "onnx"
     set_threads(threads)
-    engine = open_engine(manifest.kind if manifest else "hf", source.path,
-                         EngineOptions(device=device, threads=threads, dtype=dtype, profile_dir=profile_dir))
-    return Model(engine, source.path, manifest)
+    opened = open_engine(kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
+                                                       profile_dir=profile_dir))
+    return Model(opened, source.path, manifest)
 
 
 class Model:
@@ -200,18 +210,43 @@ class Model:
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).view(-1)
 
 
-class _Row:
-    """One row's completion: its tokens, what was already sent, and stop-string handling.
+class StopFilter:
+    """What of a growing completion may be shown yet: text is released only once it cannot be
+    the start of a stop string nor an incomplete UTF-8 sequence, so a stream never shows what
+    the final text will not contain (and equals the non-streamed text piece by piece)."""
 
-    Text is sent only once it cannot be the start of a stop string nor an incomplete UTF-8
-    sequence, so a stream never shows what the final text will not contain.
-    """
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = tuple(x for x in stop if x)
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The new piece to show, given the whole completion so far."""
+        cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._send(text[:cut])
+        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence is not text yet
+        hold = max((n for x in self.stop for n in range(1, len(x)) if safe.endswith(x[:n])), default=0)
+        return self._send(safe[: len(safe) - hold])
+
+    def flush(self, text: str) -> str:
+        """The completion ended: everything not yet shown (a held-back partial stop string too)."""
+        return self._send(text.rstrip("\ufffd"))
+
+    def _send(self, text: str) -> str:
+        piece = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+
+class _Row:
+    """One row's completion: its tokens and its stop filter."""
 
     def __init__(self, prompt_tokens: int, stop: tuple[str, ...]) -> None:
         self.prompt_tokens = prompt_tokens
-        self.stop = tuple(x for x in stop if x)
+        self.filter = StopFilter(stop)
         self.ids: list[int] = []
-        self.sent = 0
         self.finish: str | None = None
 
     def add(self, token: int, is_stop_token: bool, tokenizer: Any) -> str:
@@ -219,21 +254,11 @@ class _Row:
             self.finish = "stop"
             return self.flush(tokenizer)
         self.ids.append(token)
-        text = tokenizer.decode(self.ids, skip_special_tokens=False)
-        cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        piece = self.filter.feed(tokenizer.decode(self.ids, skip_special_tokens=False))
+        if self.filter.stopped:
             self.finish = "stop"
-            return self._send(text[:cut])
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence is not text yet
-        hold = max((n for x in self.stop for n in range(1, len(x)) if safe.endswith(x[:n])), default=0)
-        return self._send(safe[: len(safe) - hold])
+        return piece
 
     def flush(self, tokenizer: Any) -> str:
         """The end of the row: everything not yet sent (a held-back partial stop string included)."""
-        text = tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
-        return self._send(text)
-
-    def _send(self, text: str) -> str:
-        piece = text[self.sent:]
-        self.sent = max(self.sent, len(text))
-        return piece
+        return self.filter.flush(tokenizer.decode(self.ids, skip_special_tokens=False))

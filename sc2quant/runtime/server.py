@@ -1,6 +1,7 @@
 """`sc2quant serve`: an OpenAI-compatible completions server (FIM via `suffix`) for any artifact.
 
-Built on the runtime's public API (`load`, `Model.stream_generate`). What one client cannot do:
+Generation is a backend's (`sc2quant.runtime.backends`): sc2quant's own runtime, built on its
+public API (`load`, `Model.stream_generate`), or a vLLM process. What one client cannot do:
 - wedge it: every generation runs as a `Job` that stops at the next token when its client
   disconnects, when it is cancelled while queued, or when the server stops;
 - flood it: `concurrency` jobs generate at once and `max_queue` more may wait (429 beyond);
@@ -17,21 +18,20 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.core.errors import UserError
-from sc2quant.runtime import Chunk, Model
+from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 2048
@@ -96,57 +96,11 @@ class Gate:
             self.admitted -= 1
 
 
-class Job:
-    """One generation: runs a chunk iterator on a worker thread and hands the chunks to the event
-    loop. `cancel()` stops it at the next token (or before it starts); the gate slot is freed once."""
-
-    _END = object()
-
-    def __init__(self, chunks: Iterator[Chunk], executor: ThreadPoolExecutor, gate: Gate,
-                 stopping: threading.Event) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.chunks, self.gate, self.stopping = chunks, gate, stopping
-        self._left = threading.Lock()
-        self.future: Future[None] = executor.submit(self._run)
-
-    def _put(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _run(self) -> None:
-        try:
-            for chunk in self.chunks:
-                if self.cancelled.is_set() or self.stopping.is_set():
-                    break
-                self._put(chunk)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request, which answers it
-            self._put(exc)
-        finally:
-            self._leave()
-            self._put(self._END)
-
-    def _leave(self) -> None:
-        if self._left.acquire(blocking=False):
-            self.gate.leave()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-        if self.future.cancel():  # still queued: it will never run
-            self._leave()
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        while (item := await self.queue.get()) is not self._END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
 class JobStream(StreamingResponse):
-    """Server-sent events of a job; whatever ends the response (done, client gone, server
-    stopping) cancels the job."""
+    """Server-sent events of a generation; whatever ends the response (done, client gone, server
+    stopping) cancels the generation."""
 
-    def __init__(self, job: Job, events: AsyncIterator[str]) -> None:
+    def __init__(self, job: Stream, events: AsyncIterator[str]) -> None:
         super().__init__(events, media_type="text/event-stream")
         self.job = job
 
@@ -161,26 +115,23 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
-def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> FastAPI:
+def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> FastAPI:
     gate = Gate(limits.concurrency + limits.max_queue)
-    executor = ThreadPoolExecutor(max_workers=limits.concurrency, thread_name_prefix="sc2quant-generate")
-    stopping = threading.Event()
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        stopping.set()  # every running generation stops at its next token
-        executor.shutdown(wait=False, cancel_futures=True)
+        await backend.close()
 
     app = FastAPI(title="sc2quant", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:  # the server outlives any one request
+    async def bug(_: HttpRequest, exc: Exception) -> JSONResponse:  # the server outlives any one request
         return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return error(400, "request body is not valid JSON", code="invalid_json")
@@ -188,13 +139,15 @@ def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> Fast
         return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
         message = "request body is not valid UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
         return error(exc.status_code, message)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "kind": model.kind, "queued": gate.admitted}
+    async def health() -> JSONResponse:
+        state = backend.health()
+        body = {**state, "model": model_name, "kind": backend.kind, "queued": gate.admitted}
+        return JSONResponse(body, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -202,7 +155,7 @@ def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> Fast
                                             "owned_by": "sc2quant"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Any:
+    async def completions(req: CompletionRequest, request: HttpRequest) -> Any:
         if req.model not in (None, model_name):
             return error(404, f"model '{req.model}' is not served here; this server serves '{model_name}'",
                          code="model_not_found")
@@ -212,15 +165,16 @@ def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> Fast
         if req.stream and len(prompts) != 1:
             return error(400, "streaming supports one prompt per request")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        request_ = Request(prompts, req.max_tokens, req.temperature, req.top_p, stop, req.seed, req.suffix)
         try:  # every check (sampling, UTF-8, empty or too long prompts) happens here, before any output
-            chunks = await run_in_threadpool(model.stream_generate, prompts, max_new_tokens=req.max_tokens,
-                                             temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed,
-                                             suffix=req.suffix)
+            prepared = await backend.prepare(request_)
         except UserError as exc:
             return error(400, str(exc))
+        except Unavailable as exc:
+            return error(503, str(exc), kind="server_error", code="engine_unavailable")
         if not gate.admit():
             return error(429, "too many requests in flight; retry later", kind="rate_limit_error", code="queue_full")
-        job = Job(chunks, executor, gate, stopping)
+        job = backend.start(prepared, gate.leave)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return JobStream(job, _events(job, cid, created, model_name, prompts[0] if req.echo else ""))
@@ -229,6 +183,8 @@ def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> Fast
             rows = await _collect(job, len(prompts))
         except UserError as exc:
             return error(400, str(exc))
+        except Unavailable as exc:
+            return error(503, str(exc), kind="server_error", code="engine_unavailable")
         finally:
             watcher.cancel()
             job.cancel()
@@ -243,13 +199,13 @@ def create_app(model: Model, model_name: str, limits: Limits = Limits()) -> Fast
     return app
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+async def _cancel_on_disconnect(request: HttpRequest, job: Stream) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancel()
 
 
-async def _collect(job: Job, n: int) -> list[dict[str, Any]]:
+async def _collect(job: Stream, n: int) -> list[dict[str, Any]]:
     rows = [{"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None}
             for _ in range(n)]
     async for c in job:
@@ -260,7 +216,7 @@ async def _collect(job: Job, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def _events(job: Job, cid: str, created: int, name: str, echo: str) -> AsyncIterator[str]:
+async def _events(job: Stream, cid: str, created: int, name: str, echo: str) -> AsyncIterator[str]:
     """Server-sent events, one per decoded piece, then `[DONE]` (OpenAI's stream format)."""
 
     def event(text: str, finish: str | None, seed: int | None) -> str:
@@ -274,19 +230,24 @@ async def _events(job: Job, cid: str, created: int, name: str, echo: str) -> Asy
         async for c in job:
             if c.text or c.finish_reason:
                 yield event(c.text, c.finish_reason, c.seed)
-    except UserError as exc:  # raised after the stream started: tell the client in the stream
-        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
+    except (UserError, Unavailable) as exc:  # raised after the stream started: tell the client in the stream
+        kind = "server_error" if isinstance(exc, Unavailable) else "invalid_request_error"
+        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n"
     yield "data: [DONE]\n\n"
 
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           limits: Limits = Limits(), verify: bool = True, api_key: str | None = None, allow_no_api_key: bool = False,
-          threads: int | None = None, dtype: str = "auto") -> None:
-    """Check the address and the key, bind, load the model, print one startup line, serve until SIGTERM/SIGINT."""
+          threads: int | None = None, dtype: str = "auto", engine: str = "auto", vllm: dict[str, Any] | None = None) -> None:
+    """Check the address and the key, bind, start the backend, print one startup line, serve until SIGTERM/SIGINT.
+
+    engine: "auto", "torch" or "onnx" (sc2quant's runtime), or "vllm" (a vLLM process doing the
+    generation, see `sc2quant.runtime.vllm`; `vllm` holds its options)."""
     import uvicorn
 
     from sc2quant.core.console import console
-    from sc2quant.runtime import load
+    from sc2quant.core.source import resolve_source
+    from sc2quant.embedded import EMBEDDED_MODEL_DIR
     from sc2quant.runtime.http_guard import ApiKeyGuard, BodyGuard, GuardedH11Protocol, bind, is_loopback
 
     limits.check()
@@ -295,21 +256,31 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, dev
     if not is_loopback(host) and api_key is None and not allow_no_api_key:
         raise UserError(f"--host {host} exposes the model to the network without an API key: add --api-key "
                         "(or SC2QUANT_API_KEY), or --allow-no-api-key if that is really what you want")
+    source = resolve_source(model_path)
+    name = "sc2quant-embedded" if source.path.resolve() == EMBEDDED_MODEL_DIR.resolve() else source.path.name
     sock = bind(host, port)
+    backend: Backend | None = None
     try:
-        model = load(model_path, device=device, verify=verify, threads=threads, dtype=dtype)
-        from sc2quant.embedded import EMBEDDED_MODEL_DIR
+        if engine == "vllm":
+            from sc2quant.runtime.vllm import VllmBackend
 
-        name = "sc2quant-embedded" if model.path.resolve() == EMBEDDED_MODEL_DIR.resolve() else model.path.name
+            backend = VllmBackend.start_process(source.path, name, verify=verify, **(vllm or {}))
+        else:
+            from sc2quant.runtime import load
+            from sc2quant.runtime.backends import LocalBackend
+
+            model = load(source.path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine)
+            backend = LocalBackend(model, limits.concurrency)
         GuardedH11Protocol.header_timeout = limits.header_timeout
-        app = ApiKeyGuard(BodyGuard(create_app(model, name, limits), limits.body_bytes, limits.body_timeout), api_key)
+        app = ApiKeyGuard(BodyGuard(create_app(backend, name, limits), limits.body_bytes, limits.body_timeout), api_key)
         shown = f"[{host}]" if ":" in host else host
-        d = model.engine.describe()
-        console.print(f"serving {name} ({model.kind}, {d['engine']} {d['dtype']}) at http://{shown}:{port}/v1 - "
-                      f"{limits.describe()}; auth {'on' if api_key else 'off'}", highlight=False, soft_wrap=True)
+        console.print(f"serving {name} ({backend.describe()}) at http://{shown}:{port}/v1 - {limits.describe()}; "
+                      f"auth {'on' if api_key else 'off'}", highlight=False, soft_wrap=True)
         config = uvicorn.Config(app, http=GuardedH11Protocol, log_level="warning", lifespan="on",
                                 limit_concurrency=limits.max_connections,
                                 timeout_graceful_shutdown=int(limits.graceful_timeout) or 1)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if backend is not None and hasattr(backend, "stop_process"):
+            backend.stop_process()

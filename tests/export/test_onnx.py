@@ -14,6 +14,7 @@ import torch
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
+from sc2quant.core.files import dir_bytes
 from sc2quant.export.onnx import export_onnx
 from tests.conftest import make_random_model
 
@@ -296,9 +297,10 @@ def test_cuda_export_keeps_gqa_and_names_the_cuda_provider(tiny_dir, tmp_path):
 def int4_exports(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("int4")
     return {
-        "g32": export_onnx(tiny_dir, root / "g32", weights="int4", block_size=32),
-        "g128": export_onnx(tiny_dir, root / "g128", weights="int4", block_size=128),
-        "g32-asym": export_onnx(tiny_dir, root / "g32-asym", weights="int4", block_size=32, symmetric=False),
+        "g32": export_onnx(tiny_dir, root / "g32", weights="int4", block_size=32, lm_head="int4"),
+        "g128": export_onnx(tiny_dir, root / "g128", weights="int4", block_size=128, lm_head="int4"),
+        "g32-asym": export_onnx(tiny_dir, root / "g32-asym", weights="int4", block_size=32, symmetric=False,
+                                lm_head="int4"),
     }
 
 
@@ -407,7 +409,8 @@ def gptq_dir(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gptq_export(gptq_dir, tmp_path_factory) -> Path:
-    return export_onnx(gptq_dir, tmp_path_factory.mktemp("gptq-onnx") / "onnx")
+    """The GPTQ model exactly: its integers carried over, its float lm_head kept (as `run` converts it)."""
+    return export_onnx(gptq_dir, tmp_path_factory.mktemp("gptq-onnx") / "onnx", lm_head="float")
 
 
 def nibbles(packed: np.ndarray) -> np.ndarray:
@@ -655,8 +658,12 @@ def test_int8_lm_head_drifts_less_than_int4(onnx_int4_artifact, artifacts_dir, e
     bits = {n.name: attrs(n)["bits"] for n in proto.graph.node if n.op_type == "MatMulNBits"}
     assert [b for name, b in bits.items() if "lm_head" in name] == [8]
     assert set(b for name, b in bits.items() if "lm_head" not in name) == {4}
-    assert ops(proto)["GatherBlockQuantized"] == 0 and ops(proto)["Gather"] >= 1  # the embedding reads float rows
+    # the tied embedding reads the same int8 matrix (8-bit GatherBlockQuantized): stored once
+    [gather] = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert attrs(gather)["bits"] == 8 and not any(sorted(i.dims) == sorted([8192, 256]) for i in proto.graph.initializer
+                                                  if i.data_type == 1)
     assert artifact.read_manifest(out).params["lm_head"].startswith("int8")
+    assert dir_bytes(out) < dir_bytes(onnx_int4_artifact) * 1.6  # not the fp32 embedding of before (2.9x)
     kl8 = compare(eval_sets_small, load(out).logits, baseline_logits_fn)["all"]["kl_mean"]
     kl4 = compare(eval_sets_small, load(onnx_int4_artifact).logits, baseline_logits_fn)["all"]["kl_mean"]
     assert kl8 < 0.5 * kl4, (kl8, kl4)  # measured 8.6e-4 vs 3.8e-3
@@ -687,3 +694,29 @@ def test_recipes_are_valid_options():
         assert set(data) - {"description"} <= names
 
 
+
+
+def test_an_untied_embedding_is_stored_in_int8_rows_with_an_int8_lm_head(tmp_path):
+    """StarCoder2-15B unties its embedding: with an int8 lm_head it is read from int8 rows too, not fp32."""
+    from bench.models import write_random_sharded
+    from sc2quant.runtime import load
+
+    src = write_random_sharded(tmp_path / "untied", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=256, vocab_size=8192, sliding_window=64,
+                               max_position_embeddings=256, tie_word_embeddings=False)
+    out = export_onnx(src, tmp_path / "onnx", weights="int4", lm_head="int8")
+    proto = load_proto(out)
+    [gather] = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert attrs(gather)["bits"] == 8 and gather.input[0].startswith("/model/embed_tokens")
+    assert not [i for i in proto.graph.initializer if i.data_type == 1 and sorted(i.dims) == [128, 8192]]  # no float [V, H]
+    ids = torch.tensor([list(range(100, 160))])
+    onnx_logits = load(out).logits(ids)
+    ref = load(src, dtype="fp32").logits(ids)
+    assert ((onnx_logits - ref).norm() / ref.norm()).item() < 0.2  # int4 quantization error, not a broken lookup
+
+
+def test_the_default_int4_export_keeps_an_int8_lm_head_shared_with_the_embedding(tiny_dir, tmp_path):
+    out = export_onnx(tiny_dir, tmp_path / "onnx", weights="int4")
+    proto = load_proto(out)
+    bits = sorted({attrs(n)["bits"] for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")})
+    assert bits == [4, 8] and "shared with the embedding" in artifact.read_manifest(out).params["lm_head"]

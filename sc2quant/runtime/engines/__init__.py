@@ -21,6 +21,25 @@ ENGINES: dict[str, str] = {
 }
 
 
+ENGINE_CHOICES = ("auto", "torch", "onnx")
+
+
+def choose_engine(kind: str, device: str, requested: str = "auto") -> str:
+    """Which engine runs an artifact of `kind`: the registered one, except that a GPTQ artifact
+    on the CPU runs through ONNX Runtime's int4 kernels (converted once, see runtime.convert)
+    unless `torch` is asked for."""
+    if requested not in ENGINE_CHOICES:
+        raise UserError(f"unknown engine '{requested}': choose one of {', '.join(ENGINE_CHOICES)}")
+    if requested == "onnx" and kind not in ("onnx", "gptq"):
+        raise UserError(f"a '{kind}' artifact cannot run in ONNX Runtime: export it first (`sc2quant export onnx`) "
+                        "or drop --engine")
+    if requested == "torch" and kind == "onnx":
+        raise UserError("an ONNX export runs in ONNX Runtime only: drop --engine torch, or run its source model")
+    if kind == "gptq" and (requested == "onnx" or (requested == "auto" and device == "cpu")):
+        return "onnx"
+    return "onnx" if kind == "onnx" else "torch"
+
+
 def open_engine(kind: str, path: Path, options: EngineOptions) -> Engine:
     """The registered engine for an artifact kind, opened on `path`."""
     if kind not in ENGINES:
@@ -29,4 +48,4 @@ def open_engine(kind: str, path: Path, options: EngineOptions) -> Engine:
     return getattr(importlib.import_module(module), cls)(path, options, kind)
 
 
-__all__ = ["ENGINES", "Engine", "EngineOptions", "open_engine"]
+__all__ = ["ENGINES", "ENGINE_CHOICES", "Engine", "EngineOptions", "choose_engine", "open_engine"]
