@@ -3,6 +3,7 @@ transformers on the plain checkpoint, and llama.cpp's GGUF quantizations."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class Contender:
     runtime: str  # "sc2quant" (its runtime, torch or ONNX engine), "transformers", or "llama.cpp"
     path: Path
     dtype: str = "auto"  # torch compute dtype of a plain checkpoint
+    static_cache: bool | None = None  # torch engine: None is its default (static + CUDA graphs on CUDA only)
 
     @property
     def is_gguf(self) -> bool:
@@ -25,7 +27,7 @@ class Contender:
 
 
 def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tuple[int, int] | None,
-              llama: bool = True, device: str = "cpu") -> list[Contender]:
+              llama: bool = True, device: str = "cpu", only: list[str] | None = None) -> list[Contender]:
     """Quantize/export/convert `model_dir` into `workdir` (reusing what a previous run built).
 
     calib: GPTQ's (samples, seqlen); None writes the GPTQ-format checkpoint by round-to-nearest
@@ -33,6 +35,7 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
     that takes over half an hour on a 300M model on 2 CPU cores and means nothing on random weights.
 
     On CUDA the contenders are a GPU user's: transformers bf16, bitsandbytes and GPTQ kernels.
+    only: name substrings; the other contenders are neither built nor measured.
     """
     import importlib.util
 
@@ -41,6 +44,9 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
 
     work = workdir / f"{name}-{device}"
     work.mkdir(parents=True, exist_ok=True)
+
+    def wanted(contender: str) -> bool:
+        return not only or any(x in contender for x in only)
 
     def q(dirname: str, **kw) -> Path:
         out = work / dirname
@@ -56,31 +62,41 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
             export_onnx(src, out, **kw)
         return out
 
-    contenders = [Contender("transformers bf16", "transformers", model_dir, dtype="bf16")]
+    # (name, runtime, how to build its path, options); built only when wanted
+    plan: list[tuple[str, str, Callable[[], Path], dict]] = [
+        # transformers as its users run it: eager steps on the dynamic cache
+        ("transformers bf16", "transformers", lambda: model_dir, {"dtype": "bf16", "static_cache": False})]
     if device == "cpu":
-        contenders.append(Contender("sc2quant torch (bf16 weights)", "sc2quant", model_dir))
-    contenders += [Contender("sc2quant bnb int8", "sc2quant", q("bnb-int8", method="bnb", bits=8)),
-                   Contender("sc2quant bnb nf4", "sc2quant", q("bnb-nf4", method="bnb", bits=4, quant_type="nf4"))]
+        plan.append(("sc2quant torch (bf16 weights)", "sc2quant", lambda: model_dir, {}))
+    else:
+        plan.append(("sc2quant torch bf16 (static cache, CUDA graph)", "sc2quant", lambda: model_dir, {"dtype": "bf16"}))
+    plan += [("sc2quant bnb int8", "sc2quant", lambda: q("bnb-int8", method="bnb", bits=8), {}),
+             ("sc2quant bnb nf4", "sc2quant", lambda: q("bnb-nf4", method="bnb", bits=4, quant_type="nf4"), {})]
+
+    def gptq() -> Path:
+        if calib is None:
+            return q("gptq-format-rtn-int4-g128", method="rtn", bits=4, group_size=128)
+        return q("gptq-int4-g128", method="gptq", bits=4, group_size=128, calib_samples=calib[0],
+                 calib_seqlen=calib[1])
+
     if device == "cuda" and importlib.util.find_spec("gptqmodel") is None:
         console.print("[yellow]gptqmodel is not installed: no GPTQ contender[/]")
-        return contenders
-    if calib is None:
-        gptq = q("gptq-format-rtn-int4-g128", method="rtn", bits=4, group_size=128)
     else:
-        gptq = q("gptq-int4-g128", method="gptq", bits=4, group_size=128, calib_samples=calib[0], calib_seqlen=calib[1])
-    contenders.append(Contender("sc2quant GPTQ int4 g128", "sc2quant", gptq))
-    if device == "cuda":
-        return contenders
-    contenders += [
-        Contender("sc2quant ONNX fp32", "sc2quant", onnx("onnx-fp32", model_dir, dtype="fp32")),
-        Contender("sc2quant ONNX int4 (RTN b32)", "sc2quant",
-                  onnx("onnx-int4-rtn-b32", model_dir, dtype="fp32", weights="int4", block_size=32)),
-        Contender("sc2quant ONNX int4 (RTN b32, lm_head int8)", "sc2quant",
-                  onnx("onnx-int4-rtn-b32-lm8", model_dir, dtype="fp32", weights="int4", block_size=32, lm_head="int8")),
-        Contender("sc2quant ONNX int4 (GPTQ g128)", "sc2quant", onnx("onnx-int4-gptq-g128", gptq, dtype="fp32")),
-        Contender("sc2quant ONNX int4 (GPTQ g128, lm_head int8)", "sc2quant",
-                  onnx("onnx-int4-gptq-g128-lm8", gptq, dtype="fp32", lm_head="int8")),
-    ]
+        plan.append(("sc2quant GPTQ int4 g128", "sc2quant", gptq, {}))
+    if device == "cpu":
+        plan += [
+            ("sc2quant ONNX fp32", "sc2quant", lambda: onnx("onnx-fp32", model_dir, dtype="fp32"), {}),
+            ("sc2quant ONNX int4 (RTN b32)", "sc2quant",
+             lambda: onnx("onnx-int4-rtn-b32", model_dir, dtype="fp32", weights="int4", block_size=32), {}),
+            ("sc2quant ONNX int4 (RTN b32, lm_head int8)", "sc2quant",
+             lambda: onnx("onnx-int4-rtn-b32-lm8", model_dir, dtype="fp32", weights="int4", block_size=32,
+                          lm_head="int8"), {}),
+            ("sc2quant ONNX int4 (GPTQ g128)", "sc2quant", lambda: onnx("onnx-int4-gptq-g128", gptq(), dtype="fp32"), {}),
+            ("sc2quant ONNX int4 (GPTQ g128, lm_head int8)", "sc2quant",
+             lambda: onnx("onnx-int4-gptq-g128-lm8", gptq(), dtype="fp32", lm_head="int8"), {}),
+        ]
+    contenders = [Contender(name, runtime, build(), **kw) for name, runtime, build, kw in plan if wanted(name)]
+    llama = llama and device == "cpu" and wanted("llama.cpp")
     if llama:
         llamacpp.ensure_built()
         f16 = llamacpp.convert(model_dir, work / "gguf-F16.gguf")

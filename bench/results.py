@@ -14,6 +14,9 @@ ONNX_INT4 = ("sc2quant ONNX int4 (RTN b32)", "sc2quant ONNX int4 (RTN b32, lm_he
 
 def stem(result: dict) -> str:
     m = result["machine"]
+    if result.get("device") == "cuda":
+        gpu = "".join(ch if ch.isalnum() else "-" for ch in m.get("gpu", "gpu").lower()).strip("-")
+        return f"{result['date']}-{gpu}-gpu"
     simd = "avx512" if "avx512f" in m["simd"] else "avx2" if "avx2" in m["simd"] else "nosimd"
     return f"{result['date']}-{platform.machine()}-{m['logical_cpus']}cpu-{simd}"
 
@@ -37,7 +40,7 @@ def verdict(result: dict) -> list[str]:
     """The issue's target, checked on this run's numbers."""
     lines: list[str] = []
     if result.get("device", "cpu") != "cpu":
-        return ["- (the target concerns the CPU run)"]
+        return gpu_verdict(result)
     big, small = result["models"].get("300m"), result["models"].get("embedded")
     for name in ONNX_INT4:
         if big and name in big["contenders"] and "ratio_vs_reference" in big["contenders"][name]:
@@ -51,6 +54,34 @@ def verdict(result: dict) -> list[str]:
             lines.append(f"- embedded-model KL, {name}: {ours['kl_mean']:.2e} vs llama.cpp Q4_0 {ref['kl_mean']:.2e} "
                          f"(**{ours['kl_mean'] / ref['kl_mean']:.2f}x**, {'meets' if ok else 'misses'} the target of lower KL)")
     return lines
+
+
+GPU_TARGET = 0.25  # batch-1 decode as a fraction of the bandwidth bound (issue 20)
+GPU_TARGETED = ("sc2quant torch bf16 (static cache, CUDA graph)", "sc2quant GPTQ int4 g128")
+
+
+def gpu_verdict(result: dict) -> list[str]:
+    lines = []
+    for model in ("300m", "3b"):
+        for name in GPU_TARGETED:
+            c = result["models"].get(model, {}).get("contenders", {}).get(name, {})
+            if "decode_fraction_of_bound" in c:
+                f = c["decode_fraction_of_bound"]
+                lines.append(f"- {model} decode, {name}: **{f:.0%} of the bound** "
+                             f"({'meets' if f >= GPU_TARGET else 'misses'} the target of >= {GPU_TARGET:.0%})")
+    return lines or ["- (no 300m or 3b GPU measurement in this run)"]
+
+
+def engine_lines(entry: dict) -> list[str]:
+    """How each torch contender decoded: cache, captured graphs, GPTQ kernel, capture time."""
+    rows = [(n, c["rounds"][-1]["engine"]) for n, c in entry["contenders"].items()
+            if c["rounds"] and c["rounds"][-1].get("engine", {}).get("engine") == "torch"]
+    if not rows:
+        return []
+    lines = ["| contender | dtype | KV cache | decode step | GPTQ kernel | capture s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {e.get('dtype')} | {e.get('kv_cache', '–')} | {e.get('decode', '–')} | "
+              f"{e.get('gptq_kernel') or '–'} | {e.get('warmup_seconds', 0):.1f} |" for n, e in rows]
+    return [*lines, ""]
 
 
 def _f(v: float | None, digits: int = 3) -> str:
@@ -94,6 +125,8 @@ def render(result: dict, png: str) -> str:
              "the caches (the embedded one) can beat its bound.", "", "## Target", "", *verdict(result), ""]
     for name, entry in result["models"].items():
         lines += [f"## {name} ({entry['parameters'] / 1e6:.1f}M parameters)", "", *table(entry), ""]
+        if result.get("device") == "cuda":
+            lines += engine_lines(entry)
         lines += [f"{n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
         if "drift_setup" in entry:
             s = entry["drift_setup"]

@@ -22,20 +22,26 @@ from typing import Any
 from bench import llamacpp, results
 from bench.bandwidth import decode_bound, onnx_bytes_read_per_token, read_bandwidth
 from bench.contenders import REFERENCE, Contender, build_all
-from bench.models import embedded, n_params, random_300m
+from bench.models import REAL_SHAPES, embedded, n_params, random_300m, write_random_sharded
 from sc2quant.core.console import console
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.system import cpu_caps, tool_versions
 from sc2quant.evaluate.speed import measure_in_child
 
+MODELS = {  # name -> the checkpoint, built once under the work folder
+    "embedded": lambda work: embedded(),
+    "300m": random_300m,
+    "3b": lambda work: work / "starcoder2-3b-random" if (work / "starcoder2-3b-random").exists()
+    else write_random_sharded(work / "starcoder2-3b-random", embedded(), **REAL_SHAPES["3b"]),
+}
 SPEED = {"prefill": 512, "prompt": 128, "decode": 128}  # the workload
 EMULATED_BF16 = {"prefill": 128, "prompt": 128, "decode": 8}  # bf16 without hardware support: prefill ~4x slower
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="embedded,300m", help="comma-separated: embedded, 300m")
+    ap.add_argument("--models", default="embedded,300m", help="comma-separated: embedded, 300m, 3b (random, real shape)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every contender")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (no compiler or no network)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: a GPU user's contenders (transformers bf16, bitsandbytes, GPTQ)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: measure only contenders whose name has one")
     ap.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per source (drift)")
     ap.add_argument("--rerender", type=Path, help="a results .json: summarise and write it again, measure nothing")
     a = ap.parse_args(argv)
@@ -60,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     names = [m.strip() for m in a.models.split(",") if m.strip()]
-    unknown = set(names) - {"embedded", "300m"}
+    unknown = set(names) - set(MODELS)
     if unknown:
-        raise UserError(f"unknown model(s) {sorted(unknown)}: choose from embedded, 300m")
+        raise UserError(f"unknown model(s) {sorted(unknown)}: choose from {', '.join(MODELS)}")
     a.work.mkdir(parents=True, exist_ok=True)
     with console.status(f"measuring memory read bandwidth ({a.device}, {a.threads} threads)"):
         bandwidth = read_bandwidth(a.threads, a.device)
@@ -71,10 +78,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            "device": a.device, "rounds": a.rounds, "workload": SPEED, "read_bandwidth_bytes_per_s": bandwidth,
                            "reference": reference, "versions": versions(), "models": {}}
     for name in names:
-        model_dir = embedded() if name == "embedded" else random_300m(a.work)
-        calib = (64, 512) if name == "embedded" else (32, 256) if a.device == "cuda" else None  # see build_all
+        model_dir = MODELS[name](a.work)
+        # GPTQ's calibration where it means something or costs little (see build_all); RTN otherwise
+        calib = (64, 512) if name == "embedded" else (32, 256) if a.device == "cuda" and name == "300m" else None
         contenders = build_all(name, model_dir, a.work, a.threads, calib, llama=not a.no_llama and a.device == "cpu",
-                               device=a.device)
+                               device=a.device, only=[x for x in a.only.split(",") if x])
         entry: dict[str, Any] = {"path": str(model_dir), "parameters": n_params(model_dir), "contenders": {}, "notes": []}
         if calib is None:
             entry["notes"].append("The GPTQ-format int4 checkpoint (and the ONNX int4 made from it) is written by "
@@ -109,7 +117,8 @@ def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds:
                 row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
             else:
                 work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
-                row = measure_in_child(c.path, device, threads=threads, dtype=c.dtype, **work)
+                row = measure_in_child(c.path, device, threads=threads, dtype=c.dtype, static_cache=c.static_cache,
+                                       **work)
             row["round"] = r
             entry["contenders"][c.name]["rounds"].append(row)
 

@@ -25,6 +25,7 @@ bitsandbytes' repack off on an AVX512-BF16 machine.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,6 +235,24 @@ class LoadedModel:
     source: ModelSource
     config: dict[str, Any]
     policy: ComputePolicy
+    kernel: str | None = None  # GPTQ: the GPTQModel kernel chosen
+
+
+# GPTQ kernels for CUDA, in order of preference. GPTQModel's own choice on Hopper is Machete,
+# which refuses some shapes instead of falling back and builds itself at first use by
+# downloading CUTLASS (an offline GPU machine cannot); Marlin compiles at first use too. These
+# two need nothing at run time but triton (shipped with CUDA torch) or plain torch.
+GPTQ_CUDA_KERNELS = ("gptq_triton", "gptq_torch")
+GPTQ_KERNEL_ENV = "SC2QUANT_GPTQ_KERNEL"
+
+
+def gptq_cuda_kernels() -> list[str]:
+    """The kernels to try for a GPTQ checkpoint on CUDA: $SC2QUANT_GPTQ_KERNEL, else triton then torch."""
+    import importlib.util
+
+    if os.environ.get(GPTQ_KERNEL_ENV):
+        return [os.environ[GPTQ_KERNEL_ENV]]
+    return [k for k in GPTQ_CUDA_KERNELS if k != "gptq_triton" or importlib.util.find_spec("triton") is not None]
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", device: str = "cpu",
@@ -267,13 +286,31 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
     from transformers import AutoModelForCausalLM
 
     gptq = contained_gptqmodel_import() if method == "gptq" else contextlib.nullcontext()
+    kernels: list[str | None] = [None]
+    if method == "gptq" and dev == "cuda" and quantization_config is None:
+        kernels = list(gptq_cuda_kernels())
     with status(f"loading {source.id} ({policy.label}, {dev})"), gptq:
-        hf_model, info = AutoModelForCausalLM.from_pretrained(str(source.path), trust_remote_code=False, **kwargs)
+        for i, kernel in enumerate(kernels):
+            if kernel is not None:
+                from transformers import GPTQConfig
+
+                kwargs["quantization_config"] = GPTQConfig(bits=int((quant or {}).get("bits", 4)), backend=kernel)
+            try:
+                hf_model, info = AutoModelForCausalLM.from_pretrained(str(source.path), trust_remote_code=False,
+                                                                      **kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here: try the next
+                if i == len(kernels) - 1:
+                    raise
+                logging.getLogger("sc2quant").warning("GPTQ kernel %s failed (%s); trying %s", kernel, exc,
+                                                      kernels[i + 1])
+    if kernels[0] is not None:
+        logging.getLogger("sc2quant").info("GPTQ on CUDA: kernel %s", kernel)
     _check_loading_info(info, source)
     if method == "bitsandbytes":
         set_bnb_repack(hf_model, policy.bnb_repack)
     hf_model.eval()
-    return LoadedModel(hf_model, tokenizer, source, config, policy)
+    return LoadedModel(hf_model, tokenizer, source, config, policy, kernel)
 
 
 def _check_loading_info(info: dict[str, Any], source: ModelSource) -> None:

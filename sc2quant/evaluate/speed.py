@@ -24,22 +24,26 @@ DECODE_TOKENS = 64
 
 def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL_TOKENS, decode: int = DECODE_TOKENS,
             prompt: int | None = None, threads: int | None = None, dtype: str = "auto",
-            verify: bool = True, engine: str = "auto") -> dict[str, Any]:
+            verify: bool = True, engine: str = "auto", static_cache: bool | None = None) -> dict[str, Any]:
     """Load one model, warm up, time a `prefill`-token prompt, then `decode` greedy steps: after
     that prompt, or after a fresh `prompt`-token one. Token ids are deterministic and free of
     special tokens."""
     from sc2quant.runtime import load
 
     t0 = time.perf_counter()
-    model = load(path, device=device, threads=threads, dtype=dtype, verify=verify, engine=engine)
+    model = load(path, device=device, threads=threads, dtype=dtype, verify=verify, engine=engine,
+                 static_cache=static_cache)
     load_s = time.perf_counter() - t0
     engine = model.engine
     prefill = min(prefill, model.context - decode - 1)
     ids = [i * 7919 % (len(model.tokenizer) - 64) + 64 for i in range(max(prefill, prompt or 0))]
     sync = torch.cuda.synchronize if engine.device == "cuda" else (lambda: None)
 
-    state, logits = engine.start([ids[:32]])  # warm-up: kernels, allocator, thread pools
-    for _ in range(4):
+    # warm-up: kernels, allocator, thread pools; on CUDA the timed decode once, so that every
+    # static-cache bucket it reaches has its graph captured before the clock runs
+    warm_prompt, warm_steps = (prompt or prefill, decode) if engine.device == "cuda" else (32, 4)
+    state, logits = engine.start([ids[:warm_prompt]])
+    for _ in range(warm_steps):
         logits = engine.step(state, logits.argmax(-1))
     sync()
     t = time.perf_counter()

@@ -66,13 +66,15 @@ class Chunk:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
-         dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto") -> Model:
+         dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
+         static_cache: bool | None = None) -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
 
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
     ("auto": the compute policy of `sc2quant.core.hf`). profile_dir: ONNX Runtime's operator profile.
     engine: "auto" (the fastest for the artifact and device: a GPTQ artifact on the CPU runs in
-    ONNX Runtime, converted once), "torch" or "onnx".
+    ONNX Runtime, converted once), "torch" or "onnx". static_cache: the torch engine's static KV
+    cache and captured decode graphs (None: on CUDA only; see runtime/engines/torch_engine.py).
     """
     from sc2quant.core.hf import COMPUTE_DTYPES, resolve_device
     from sc2quant.core.source import resolve_source
@@ -94,7 +96,7 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
         run_path, kind = converted_onnx(source.path, manifest), "onnx"
     set_threads(threads)
     opened = open_engine(kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
-                                                       profile_dir=profile_dir))
+                                                       profile_dir=profile_dir, static_cache=static_cache))
     return Model(opened, source.path, manifest)
 
 

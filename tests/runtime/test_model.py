@@ -78,6 +78,29 @@ def test_an_off_by_one_position_exceeds_the_tolerance(embedded_model_dir, cpu_ki
     assert max(errors) > 2 * logit_tolerance(full, next(m.engine.model.parameters()).dtype)
 
 
+def test_static_cache_decodes_as_the_dynamic_one(embedded_model_dir, cpu_kind):
+    """The static KV cache (CUDA's decode path, forced here on the CPU): per-step logits within the
+    compute dtype's tolerance of the dynamic cache's, across bucket moves (256 -> 512 -> 1024 tokens)
+    and far past the 256-token sliding window."""
+    dynamic, static = load(embedded_model_dir, static_cache=False), load(embedded_model_dir, static_cache=True)
+    ids = (dynamic.encode("class Stack:\n    def __init__(self):\n        self.items = []\n") * 40)[:200]
+    sd, ld = dynamic.engine.start([ids])
+    ss, ls = static.engine.start([ids])
+    assert ss["bucket"] == 256
+    tolerance, worst, buckets = logit_tolerance(ld, next(static.engine.model.parameters()).dtype), 0.0, set()
+    for _ in range(320):
+        worst = max(worst, (ld - ls).abs().max().item())
+        token = ld.argmax(-1)
+        ld, ls = dynamic.engine.step(sd, token), static.engine.step(ss, token)
+        buckets.add(ss["bucket"])
+    assert buckets == {256, 512, 1024}
+    assert worst <= 4 * tolerance, (worst, tolerance)
+    ss, _ = static.engine.start([(ids * 6)[: static.context - 4]])
+    with pytest.raises(UserError, match="context"):
+        for _ in range(8):
+            static.engine.step(ss, token)
+
+
 def test_prompt_longer_than_context(model):
     with pytest.raises(UserError, match="context is 1024"):
         model.generate("x = 1\n" * 1000, max_new_tokens=4)

@@ -22,6 +22,7 @@ class EngineOptions:
     threads: int | None = None  # intra-op threads (None: the library's default)
     dtype: str = "auto"  # compute dtype where the engine has a choice (see sc2quant.core.hf.compute_policy)
     profile_dir: Path | None = None  # write the runtime's operator profile here (ONNX Runtime)
+    static_cache: bool | None = None  # torch: a static KV cache (+ CUDA graphs on CUDA); None: on CUDA only
 
 
 @runtime_checkable
