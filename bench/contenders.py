@@ -10,6 +10,8 @@ from pathlib import Path
 from bench import llamacpp
 from sc2quant.core.console import console
 
+DEFAULT_EXPORT = "sc2quant ONNX int4 default (RTN b32, lm_head int8)"
+DEFAULT_FROM_GPTQ = "sc2quant ONNX int4 from GPTQ g128 (default, lm_head int8)"
 REFERENCE = {"cpu": "llama.cpp Q4_0", "cuda": "transformers bf16"}  # ratios are against this, within a round
 
 
@@ -86,21 +88,25 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
     if device == "cpu":
         plan += [
             ("sc2quant ONNX fp32", "sc2quant", lambda: onnx("onnx-fp32", model_dir, dtype="fp32"), {}),
-            ("sc2quant ONNX int4 (RTN b32)", "sc2quant",
-             lambda: onnx("onnx-int4-rtn-b32", model_dir, dtype="fp32", weights="int4", block_size=32), {}),
-            ("sc2quant ONNX int4 (RTN b32, lm_head int8)", "sc2quant",
-             lambda: onnx("onnx-int4-rtn-b32-lm8", model_dir, dtype="fp32", weights="int4", block_size=32,
-                          lm_head="int8"), {}),
-            ("sc2quant ONNX int4 (GPTQ g128)", "sc2quant", lambda: onnx("onnx-int4-gptq-g128", gptq(), dtype="fp32"), {}),
-            ("sc2quant ONNX int4 (GPTQ g128, lm_head int8)", "sc2quant",
-             lambda: onnx("onnx-int4-gptq-g128-lm8", gptq(), dtype="fp32", lm_head="int8"), {}),
+            # the defaults: `sc2quant export onnx MODEL --weights int4` (RTN b32, int8 lm_head shared
+            # with the embedding) and `sc2quant export onnx GPTQ-ARTIFACT` (same lm_head)
+            (DEFAULT_EXPORT, "sc2quant", lambda: onnx("onnx-int4-default", model_dir, weights="int4"), {}),
+            ("sc2quant ONNX int4 (RTN b32, lm_head int4)", "sc2quant",
+             lambda: onnx("onnx-int4-rtn-b32-lm4", model_dir, weights="int4", lm_head="int4"), {}),
+            (DEFAULT_FROM_GPTQ, "sc2quant", lambda: onnx("onnx-int4-gptq-default", gptq()), {}),
+            ("sc2quant ONNX int4 (GPTQ g128, lm_head float)", "sc2quant",
+             lambda: onnx("onnx-int4-gptq-g128-lmfloat", gptq(), lm_head="float"), {}),
         ]
     contenders = [Contender(name, runtime, build(), **kw) for name, runtime, build, kw in plan if wanted(name)]
     llama = llama and device == "cpu" and wanted("llama.cpp")
     if llama:
         llamacpp.ensure_built()
         f16 = llamacpp.convert(model_dir, work / "gguf-F16.gguf")
+        # the calibration GPTQ gets here; a random model's matrix only has to exist (speed)
+        samples, seqlen = calib or (8, 256)
+        importance = llamacpp.imatrix(f16, model_dir, work / f"imatrix-{samples}x{seqlen}.gguf", threads, samples, seqlen)
         for quant in llamacpp.QUANTS:
-            path = llamacpp.quantize(f16, quant, work / f"gguf-{quant}.gguf", threads)
-            contenders.append(Contender(f"llama.cpp {quant}", "llama.cpp", path))
+            if wanted(f"llama.cpp {quant}"):
+                path = llamacpp.quantize(f16, quant, work / f"gguf-{quant.replace('+', '-')}.gguf", threads, importance)
+                contenders.append(Contender(f"llama.cpp {quant}", "llama.cpp", path))
     return contenders

@@ -98,7 +98,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             from bench.profile_onnx import profile_decode
 
             entry["onnx_int4_decode_profiles"] = {c.name: profile_decode(c.path, a.threads) for c in contenders
-                                                  if c.name.startswith("sc2quant ONNX int4")}
+                                                  if c.name in results.DEFAULTS}
         summarize(entry, bandwidth, reference)
         out["models"][name] = entry
     out["seconds"] = time.time() - started

@@ -87,15 +87,43 @@ def run_shape(shape: str, root: Path, gptq_samples: int) -> dict[str, Any]:
                 row["footprint_saved_bytes"] = predict_method(PRESETS[shape], run["footprint"]).saved_bytes
         else:  # a load: the artifact's weights are what must be held
             row["bytes_written"] = 0
-        held = row["bytes_written"] or dir_bytes(Path(run["args"][1]))
-        row["bound_bytes"] = held + BOUND
-        row["within_bound"] = row["peak_rss_bytes"] <= row["bound_bytes"]
+        row.update(bound(run, row, shape, gptq_samples))
         rows.append(row)
         if run["out"] is not None and run["name"].startswith("export onnx fp16"):
             shutil.rmtree(run["out"])  # 14 GB at 7B: measured, not kept
     if shape == "7b":
         rows.append(gptq_per_layer(root, gptq_samples))
     return {"model": str(model), "model_bytes": dir_bytes(model), "rows": rows}
+
+
+def bound(run: dict[str, Any], row: dict[str, Any], shape: str, gptq_samples: int) -> dict[str, Any]:
+    """The issue's bound for this row: output (a load: the artifact) + 1.5 GB; for GPTQ, one decoder
+    layer's working set (its weights in fp32 and the Hessians, d_in^2 fp32 per distinct input) +
+    the calibration activations (a layer's inputs and outputs, fp32) + the output."""
+    held = row["bytes_written"] or dir_bytes(Path(run["args"][1]))
+    if "gptq" not in run["name"] or not run["name"].startswith("quantize"):
+        total = held + BOUND
+    else:
+        c = {**REAL_SHAPES[shape], "seqlen": 512}
+        h, i = c["hidden_size"], c["intermediate_size"]
+        kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+        layer = 4 * (h * h * 2 + h * kv * 2 + h * i * 2)  # q, o; k, v; c_fc, c_proj
+        hessians = 4 * (3 * h * h + i * i)  # inputs of qkv, o_proj, c_fc; c_proj
+        activations = 2 * 4 * gptq_samples * c["seqlen"] * h
+        total = held + layer + hessians + activations
+    return {"bound_bytes": total, "within_bound": row["peak_rss_bytes"] <= total}
+
+
+# why a row misses its bound, measured and explained (rendered under the table when it does)
+WHY = {
+    "quantize gptq": "GPTQModel's process itself (torch, transformers, GPTQModel imported; its CPU "
+                     "thread pools) holds about 0.7 GB that the issue's formula leaves out.",
+    "export onnx fp16": "the float export holds its whole output until ONNX writes it: output + about "
+                        "1.7 GB, a constant (the same at 3B and 7B), not a growth with the model.",
+    "export onnx int4 from GPTQ-format": "the GPTQ integers are unpacked per layer next to the "
+                                         "packed MatMulNBits copy being built; the excess is per layer.",
+    "run GPTQ-format": "this row was measured before the conversion moved to a child process.",
+}
 
 
 def gptq_per_layer(root: Path, samples: int) -> dict[str, Any]:
@@ -140,7 +168,8 @@ def render(result: dict[str, Any]) -> str:
              f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs, "
              f"{result['machine']['memory_bytes'] / 2**30:.0f} GiB. Random StarCoder2 weights with the real shapes, "
              "written as the hub shards them. One fresh `sc2quant` process per row; peak RSS is its VmHWM. "
-             "Bound: peak <= bytes written (for a load: the artifact) + 1.5 GB. GB = 10^9.", ""]
+             "Bound: peak <= bytes written (for a load: the artifact) + 1.5 GB; for GPTQ, output + one "
+             "decoder layer's working set (fp32 weights and Hessians) + calibration activations. GB = 10^9.", ""]
     for shape, entry in result["shapes"].items():
         t = Table(["method", "wall s", "peak RSS GB", "written GB", "footprint GB", "bound GB", "within"],
                   title=f"{shape} ({entry['model_bytes'] / GB:.1f} GB of bf16 weights)", right={1, 2, 3, 4, 5})
@@ -151,6 +180,10 @@ def render(result: dict[str, Any]) -> str:
                   {True: "yes", False: "NO"}.get(r.get("within_bound"), "–"))
         lines += [*markdown(t), ""]
         for r in entry["rows"]:
+            if r.get("within_bound") is False:
+                over = (r["peak_rss_bytes"] - r["bound_bytes"]) / GB
+                why = next((w for k, w in WHY.items() if r["method"].startswith(k)), "not explained yet.")
+                lines += [f"- {r['method']}: {over:.2f} GB over its bound: {why}"]
             if "projected_seconds_32_layers" in r:
                 lines += [f"GPTQ on the 7B shape: {r['seconds']:.0f} s for 2 layers, so about "
                           f"{r['projected_seconds_32_layers'] / 3600:.1f} h for 32 on this machine; peak RSS "
@@ -172,7 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("bench/work/scale"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--gptq-samples", type=int, default=32)
+    ap.add_argument("--rerun", action="append", default=[], metavar="SHAPE:METHOD",
+                    help="measure this row again in an existing run's json (its outputs still in --work)")
+    ap.add_argument("--rerender", type=Path, help="a scale .json: recompute bounds, write the files again")
     a = ap.parse_args(argv)
+    if a.rerender:
+        result = json.loads(a.rerender.read_text())
+        for spec in a.rerun:
+            shape, name = spec.split(":", 1)
+            run = next(m for m in methods(a.work / f"starcoder2-{shape}-random", a.work / f"{shape}-outputs",
+                                          a.gptq_samples, shape) if m["name"] == name)
+            rows = result["shapes"][shape]["rows"]
+            row = {"method": name, **measure(run["args"]), "bytes_written": 0, "remeasured": time.strftime("%H:%M")}
+            rows[[r["method"] for r in rows].index(name)] = row
+        for shape, entry in result["shapes"].items():
+            for row in entry["rows"]:
+                run = next((m for m in methods(a.work / "m", a.work / f"{shape}-outputs", a.gptq_samples, shape)
+                            if m["name"] == row["method"]), None)
+                if run is not None:
+                    row.update(bound(run, row, shape, a.gptq_samples))
+        result["projection_15b"] = project_15b(result)
+        console.print(f"[green]wrote[/] {_write(result, a.out)}")
+        return 0
     a.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": tool_versions(),
                               "shapes": {}}

@@ -63,7 +63,11 @@ def test_failing_child_is_one_clear_error():
 
 def test_results_files_say_the_target_verdict(tmp_path):
     entry = _entry()
-    entry["contenders"]["sc2quant ONNX int4 (RTN b32)"] = entry["contenders"].pop("ours")
+    default = results.DEFAULTS[0]
+    entry["contenders"][default] = entry["contenders"].pop("ours")
+    entry["contenders"]["llama.cpp Q4_K_M+imatrix"] = {
+        "bytes_on_disk": 4e6, "rounds": _rounds([(100, 10), (50, 5), (100, 10)]),
+        "drift": {"kl_mean": 4e-3, "top1_agreement": 0.95, "perplexity_drift_pct": 1.0}}
     summarize(entry, bandwidth=1e9, reference=REFERENCE)
     result = {"date": "2026-11-26", "machine": {"cpu": "test", "logical_cpus": 2, "simd": ["avx2"], "memory_bytes": 2**34,
               "os": "linux"}, "threads": 2, "rounds": 3, "workload": {"prefill": 512, "prompt": 128, "decode": 128},
@@ -71,7 +75,10 @@ def test_results_files_say_the_target_verdict(tmp_path):
               "models": {"300m": entry, "embedded": json.loads(json.dumps(entry))}}
     md = results.write(result, tmp_path)
     text = md.read_text()
-    assert "1.20x** (meets the target" in text
+    assert f"- 300M decode, {default} / Q4_0 = **1.20x** (meets >= 1.20x)" in text
+    assert f"- 300M prefill, {default} / Q4_0 = **2.00x** (meets >= 1.20x)" in text
+    assert f"- 300M disk, {default} / Q4_K_M+imatrix = **1.25x** (misses <= 1.10x, off by 14%)" in text
+    assert "(1.00e-03 vs 4.00e-03) = **0.25x** (meets <= 0.50x)" in text
     assert md.with_suffix(".png").stat().st_size > 1000
     assert json.loads(md.with_suffix(".json").read_text())["models"]["300m"]["contenders"][REFERENCE]["median"]
     assert not list(tmp_path.glob(".*"))  # no partial files left behind

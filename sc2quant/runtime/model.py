@@ -73,8 +73,9 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
     ("auto": the compute policy of `sc2quant.core.hf`). profile_dir: ONNX Runtime's operator profile.
     engine: "auto" (the fastest for the artifact and device: a GPTQ artifact on the CPU runs in
-    ONNX Runtime, converted once), "torch" or "onnx". static_cache: the torch engine's static KV
-    cache and captured decode graphs (None: on CUDA only; see runtime/engines/torch_engine.py).
+    ONNX Runtime, converted once; with verify=False it runs in torch), "torch" or "onnx".
+    static_cache: the torch engine's static KV cache and captured decode graphs (None: on CUDA
+    only; see runtime/engines/torch_engine.py).
     """
     from sc2quant.core.hf import COMPUTE_DTYPES, resolve_device
     from sc2quant.core.source import resolve_source
@@ -90,6 +91,12 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     kind = manifest.kind if manifest else "hf"
     chosen = choose_engine(kind, resolve_device(device), engine)
     run_path = source.path
+    if kind == "gptq" and chosen == "onnx" and not verify:
+        # the conversion is cached under the manifest's checksums: only for files that match them
+        if engine == "onnx":
+            raise UserError("a GPTQ artifact runs in ONNX Runtime after a conversion that needs its checksums "
+                            "verified: drop verify=False (--no-verify), or use engine torch")
+        chosen = "torch"
     if kind == "gptq" and chosen == "onnx" and manifest is not None:
         from sc2quant.runtime.convert import converted_onnx
 

@@ -134,7 +134,10 @@ def test_flipped_byte_is_refused(gptq_artifact, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match its checksum"):
         load(bad)
-    assert load(bad, verify=False).generate(PROMPT, max_new_tokens=2) is not None
+    unverified = load(bad, verify=False)  # the user's escape hatch: no conversion cached from unverified files
+    assert unverified.engine.name == "torch" and unverified.generate(PROMPT, max_new_tokens=2) is not None
+    with pytest.raises(UserError, match="checksums"):
+        load(bad, verify=False, engine="onnx")
 
 
 @pytest.mark.slow

@@ -73,6 +73,7 @@ class OnnxEngine:
             raise UserError(f"{self.path.name} is an ONNX graph computing in {self.dtype}, fixed when it was exported: "
                             f"drop --dtype, or export again with `sc2quant export onnx --dtype {options.dtype}`")
         self.tokenizer = load_tokenizer(self.path)
+        self._ones = np.ones((1, 0), dtype=np.int64)
 
     # --- Engine protocol -------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class OnnxEngine:
         state = self._new_state(lengths)
         logits = self._run(state, ids, lengths)
         last = logits[np.arange(len(prompts)), np.array(lengths) - 1]
-        return state, torch.from_numpy(last.astype(np.float32))
+        return state, torch.from_numpy(last.astype(np.float32, copy=False))
 
     def step(self, state: OnnxState, tokens: torch.Tensor) -> torch.Tensor:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
@@ -103,7 +104,7 @@ class OnnxEngine:
             raise UserError(f"step got {ids.shape[0]} tokens for a batch of {len(state.lengths)}")
         state.lengths = [n + 1 for n in state.lengths]
         logits = self._run(state, ids, state.lengths)
-        return torch.from_numpy(logits[:, -1].astype(np.float32))
+        return torch.from_numpy(logits[:, -1].astype(np.float32, copy=False))
 
     def weight_bytes(self) -> int:
         """ONNX Runtime owns its initializers; their bytes are those of the graph's files."""
@@ -140,7 +141,12 @@ class OnnxEngine:
         if total > self.context_length:
             raise UserError(f"sequence of {total} tokens exceeds the model's context length "
                             f"({self.context_length}): shorten the prompt or generate fewer tokens")
-        mask = (np.arange(total)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        if len(lengths) == 1:  # one row: a slice of a mask of ones (no allocation per step)
+            if self._ones.shape[1] < total:
+                self._ones = np.ones((1, self.context_length), dtype=np.int64)
+            mask = self._ones[:, :total]
+        else:
+            mask = (np.arange(total)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
         binding = state.binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", mask)
