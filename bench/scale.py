@@ -67,7 +67,10 @@ def measure(args: list[str]) -> dict[str, Any]:
     return {"seconds": time.monotonic() - t, "peak_rss_bytes": peak}
 
 
-def run_shape(shape: str, root: Path, gptq_samples: int) -> dict[str, Any]:
+KEPT = {"rtn-int4-g128", "onnx-int4"}  # outputs later rows load
+
+
+def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -> dict[str, Any]:
     from sc2quant.footprint import PRESETS, predict_method
 
     model = root / f"starcoder2-{shape}-random"
@@ -89,8 +92,10 @@ def run_shape(shape: str, root: Path, gptq_samples: int) -> dict[str, Any]:
             row["bytes_written"] = 0
         row.update(bound(run, row, shape, gptq_samples))
         rows.append(row)
-        if run["out"] is not None and run["name"].startswith("export onnx fp16"):
-            shutil.rmtree(run["out"])  # 14 GB at 7B: measured, not kept
+        if progress is not None:
+            progress(rows)  # written after every row: a late failure (a full disk) loses nothing measured
+        if run["out"] is not None and run["out"].name not in KEPT:
+            shutil.rmtree(run["out"])  # measured; later rows read only the KEPT outputs (disk: 7B ~ 40 GB)
     if shape == "7b":
         rows.append(gptq_per_layer(root, gptq_samples))
     return {"model": str(model), "model_bytes": dir_bytes(model), "rows": rows}
@@ -230,9 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": tool_versions(),
                               "shapes": {}}
+    earlier = a.out / f"{result['date']}-scale.json"
+    if earlier.exists():  # today's other shapes stay in the file
+        result["shapes"] = {k: v for k, v in json.loads(earlier.read_text())["shapes"].items()
+                            if k not in a.shapes.split(",")}
     for shape in a.shapes.split(","):
-        result["shapes"][shape] = run_shape(shape, a.work, a.gptq_samples)
-        _write(result, a.out)  # each shape as soon as it is measured
+        def progress(rows: list[dict[str, Any]], shape: str = shape) -> None:
+            model = a.work / f"starcoder2-{shape}-random"
+            result["shapes"][shape] = {"model": str(model), "model_bytes": dir_bytes(model), "rows": rows,
+                                       "partial": True}
+            _write(result, a.out)
+
+        result["shapes"][shape] = run_shape(shape, a.work, a.gptq_samples, progress)
+        _write(result, a.out)
     result["projection_15b"] = project_15b(result)
     console.print(f"[green]wrote[/] {_write(result, a.out)}")
     return 0

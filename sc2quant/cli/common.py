@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import textwrap
 import traceback
 import typing
 from collections.abc import Callable
@@ -60,8 +61,10 @@ def version_text() -> str:
     libs = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "sc2quant")
     plain = compute_policy(None, "cpu")
     nf4 = compute_policy({"quant_method": "bitsandbytes", "load_in_4bit": True}, "cpu")
-    return (f"sc2quant {versions.get('sc2quant', '?')}\n{libs}\ncpu: {cpu_caps().describe()}\n"
-            f"compute: plain checkpoints in {plain.dtype} ({plain.reason}); bnb 4-bit: {nf4.reason}")
+    lines = [f"sc2quant {versions.get('sc2quant', '?')}", libs, f"cpu: {cpu_caps().describe()}",
+             f"compute: plain checkpoints in {plain.dtype} ({plain.reason}); bnb 4-bit: {nf4.reason}"]
+    # wrapped between words at 80 columns, continuation lines indented
+    return "\n".join(textwrap.fill(line, width=80, subsequent_indent="  ", break_on_hyphens=False) for line in lines)
 
 
 def _version(value: bool) -> None:
