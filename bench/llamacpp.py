@@ -39,7 +39,9 @@ def tool(name: str) -> Path:
 
 def ensure_built() -> None:
     """Download the sdist (pip) and build the tools and libllama (CMake, native CPU flags)."""
-    if all(tool(t).exists() for t in TOOLS) and any((BUILD / "bin").glob("libllama.so*")):
+    marker = BUILD / "sc2quant-cpu-options"  # a build made with other CPU options is made again
+    if (all(tool(t).exists() for t in TOOLS) and any((BUILD / "bin").glob("libllama.so*")) and marker.exists()
+            and marker.read_text() == " ".join(cpu_options())):
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     if not SOURCE.exists():
@@ -49,10 +51,36 @@ def ensure_built() -> None:
         with tarfile.open(CACHE / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
             tar.extractall(CACHE, filter="data")
     console.print("building llama.cpp (about 7 minutes on 2 cores, once)")
-    _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+    _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), *cpu_options(), "-DLLAMA_CURL=OFF",
           "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
           "-DCMAKE_BUILD_TYPE=Release"])
     _run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", *TOOLS, "llama"])
+    marker.write_text(" ".join(cpu_options()))
+
+
+# /proc/cpuinfo flag -> ggml's CMake switch, for builds that cannot use GGML_NATIVE (below)
+_GGML_SWITCHES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
+                  "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+                  "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def cpu_options(flags: set[str] | None = None) -> list[str]:
+    """The CPU flags llama.cpp is built with: native, except AMX.
+
+    llama.cpp's AMX backend segfaults in worker threads on AMX machines whose kernel disables the
+    tile state per thread (XFD; ggml-org/llama.cpp#20824, fix proposed in PR #26954, not in this
+    release): on those machines every other native instruction set is switched on by name and
+    AMX is left off, so llama.cpp runs its AVX512 kernels (with its repacked Q4_0/IQ4 layouts).
+    """
+    if flags is None:  # this machine's
+        try:
+            flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                             if line.startswith("flags")).split(":", 1)[1].split())
+        except (OSError, StopIteration):
+            flags = set()
+    if not any(f.startswith("amx") for f in flags):
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF", *(f"-D{v}={'ON' if k in flags else 'OFF'}" for k, v in _GGML_SWITCHES.items())]
 
 
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:

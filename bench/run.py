@@ -215,7 +215,10 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    return {"llama-cpp-python (vendored llama.cpp)": llamacpp.VERSION, **tool_versions()}
+    build = llamacpp.cpu_options()
+    flags = "native" if build == ["-DGGML_NATIVE=ON"] else (
+        " ".join(o[2:-3] for o in build if o.endswith("=ON")) + " (AMX off: llama.cpp#20824)")
+    return {"llama-cpp-python (vendored llama.cpp)": llamacpp.VERSION, "llama.cpp CPU build": flags, **tool_versions()}
 
 
 if __name__ == "__main__":

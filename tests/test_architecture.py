@@ -16,7 +16,8 @@ MAX_LINES = 450
 
 
 def _modules(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    """Our Python files under root: not caches, nor the peers' sources and models the bench fetches there."""
+    return sorted(p for p in root.rglob("*.py") if not {"__pycache__", ".cache", "work"} & set(p.relative_to(root).parts))
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:

@@ -118,3 +118,12 @@ def test_saved_run_renders_again(tmp_path):
     saved.write_text(json.dumps(result))
     md = rerender(saved, tmp_path / "out")
     assert "| ours |" in md.read_text() and "1.20" in md.read_text()
+
+
+def test_llama_cpp_is_built_native_except_its_crashing_amx_path():
+    from bench.llamacpp import cpu_options
+
+    assert cpu_options({"avx2", "fma", "avx512f", "avx512_bf16"}) == ["-DGGML_NATIVE=ON"]
+    amx = cpu_options({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"})
+    assert amx[0] == "-DGGML_NATIVE=OFF" and not any("AMX" in o for o in amx)
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=OFF"} <= set(amx)

@@ -85,6 +85,10 @@ def _main(
     quiet_libraries()
 
 
+INTERRUPTED = {verb: "[bold red]interrupted[/]: nothing was written" for verb in ("quantize", "export onnx", "report")}
+INTERRUPTED["serve"] = "stopped"
+
+
 def command(verb: str) -> Callable[[F], F]:
     """Wrap a verb's command: library output to a log, one-line errors with the right exit status."""
 
@@ -112,8 +116,8 @@ def command(verb: str) -> Callable[[F], F]:
                 console.print(f"[bold red]error:[/] sc2quant {verb} failed unexpectedly (a bug): {where}",
                               highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
-            except KeyboardInterrupt:
-                console.print("[bold red]interrupted[/]: nothing was written")
+            except KeyboardInterrupt:  # Ctrl-C: a verb that writes says its output was not; serve simply stopped
+                console.print(INTERRUPTED.get(verb, "[bold red]interrupted[/]"))
                 raise typer.Exit(130) from None
 
         return wrapper  # type: ignore[return-value]

@@ -200,6 +200,15 @@ def test_sigterm_under_load_stops_within_seconds(embedded_model_dir):
     assert b"Traceback" not in proc.log.read()
 
 
+def test_ctrl_c_stops_serve_with_one_line_that_says_so(embedded_model_dir):
+    proc, _ = start_server(embedded_model_dir)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 130
+    proc.log.seek(0)
+    said = [line for line in proc.log.read().decode().splitlines() if line.strip()]
+    assert said[-1] == "stopped" and not any("nothing was written" in line or "Traceback" in line for line in said)
+
+
 def test_api_key_is_checked_on_every_route_but_health(embedded_model_dir):
     proc, url = start_server(embedded_model_dir, env={"SC2QUANT_API_KEY": "s3cret"})
     try:
@@ -213,6 +222,12 @@ def test_api_key_is_checked_on_every_route_but_health(embedded_model_dir):
         assert httpx.get(url + "/health", timeout=5).status_code == 200
     finally:
         _stop(proc)
+    proc.log.seek(0)  # what the user saw: one startup line (URL, model, kind, limits, auth), never the key
+    said = [line for line in proc.log.read().decode().splitlines() if line.strip()]
+    startup = [line for line in said if line.startswith("serving ")]
+    assert len(startup) == 1, said
+    assert f"at {url}/v1" in startup[0] and "auth on" in startup[0] and "1 generating" in startup[0], startup
+    assert "s3cret" not in "\n".join(said)
 
 
 def _serve_fails(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
