@@ -140,8 +140,8 @@ WHY = {
     "run ONNX": "ONNX Runtime keeps its prepacked copy of the int4 weights (MatMulNBits) while the pages of "
                 "the weights file it read them from are still resident: about 1.6x the artifact (3B: 3.35 GB "
                 "for 1.98; 7B: 7.18 for 4.61). The 1.5 GB slack covers that at 3B, not at 7B. Prepacking off "
-                "halves it but decodes ~20x slower; releasing the file pages after the session is built is "
-                "the fix still to make.",
+                "halves it but decodes ~20x slower; the fix still to make is ORT's saved prepacked weights "
+                "(session.save_external_prepacked_constant_initializers), mapped on load.",
 }
 
 

@@ -54,11 +54,11 @@ def main() -> int:
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="sc2quant-captures-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"Captured {time.strftime('%Y-%m-%d')} in an 80x50 pseudo-terminal; scratch outputs under `{work}`.\n")
+    print(f"Captured {time.strftime('%Y-%m-%d')} in an 80x100 pseudo-terminal; scratch outputs under `{work}`.\n")
     for title, args in commands(work):
         t = time.monotonic()
         prefix = ["timeout", "--signal=INT", "20"] if args[0] == "serve" and len(args) == 2 else []
-        screen = run_in_terminal([*prefix, *SC2, *args], columns=80, rows=50, timeout=1800,
+        screen = run_in_terminal([*prefix, *SC2, *args], columns=80, rows=100, timeout=1800,
                                  env={"SC2QUANT_LOG_DIR": str(work / "logs")})
         shown = " ".join(shlex.quote(x) for x in ["sc2quant", *args]).replace(str(work) + "/", "")
         print(f"### {title}\n\n```console\n$ {shown}")
