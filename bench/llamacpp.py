@@ -39,9 +39,9 @@ def tool(name: str) -> Path:
 
 def ensure_built() -> None:
     """Download the sdist (pip) and build the tools and libllama (CMake, native CPU flags)."""
-    marker = BUILD / "sc2quant-cpu-options"  # a build made with other CPU options is made again
+    marker, options = BUILD / "sc2quant-cpu-options", cpu_options()  # a build with other CPU options is made again
     if (all(tool(t).exists() for t in TOOLS) and any((BUILD / "bin").glob("libllama.so*")) and marker.exists()
-            and marker.read_text() == " ".join(cpu_options())):
+            and marker.read_text() == " ".join(options)):
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     if not SOURCE.exists():
@@ -51,11 +51,11 @@ def ensure_built() -> None:
         with tarfile.open(CACHE / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
             tar.extractall(CACHE, filter="data")
     console.print("building llama.cpp (about 7 minutes on 2 cores, once)")
-    _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), *cpu_options(), "-DLLAMA_CURL=OFF",
+    _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), *options, "-DLLAMA_CURL=OFF",
           "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
           "-DCMAKE_BUILD_TYPE=Release"])
     _run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", *TOOLS, "llama"])
-    marker.write_text(" ".join(cpu_options()))
+    marker.write_text(" ".join(options))
 
 
 # /proc/cpuinfo flag -> ggml's CMake switch, for builds that cannot use GGML_NATIVE (below)
@@ -73,11 +73,9 @@ def cpu_options(flags: set[str] | None = None) -> list[str]:
     AMX is left off, so llama.cpp runs its AVX512 kernels (with its repacked Q4_0/IQ4 layouts).
     """
     if flags is None:  # this machine's
-        try:
-            flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                             if line.startswith("flags")).split(":", 1)[1].split())
-        except (OSError, StopIteration):
-            flags = set()
+        from sc2quant.core.system import cpu_flags
+
+        flags = cpu_flags()
     if not any(f.startswith("amx") for f in flags):
         return ["-DGGML_NATIVE=ON"]
     return ["-DGGML_NATIVE=OFF", *(f"-D{v}={'ON' if k in flags else 'OFF'}" for k, v in _GGML_SWITCHES.items())]

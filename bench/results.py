@@ -8,8 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-DEFAULTS = ("sc2quant ONNX int4 default (RTN b32, lm_head int8)",
-            "sc2quant ONNX int4 from GPTQ g128 (default, lm_head int8)")  # bench.contenders' names
+from bench.contenders import DEFAULT_EXPORT, DEFAULT_FROM_GPTQ
+
+DEFAULTS = (DEFAULT_EXPORT, DEFAULT_FROM_GPTQ)
 # issue 21's targets for the default exports, against llama.cpp on the same weights
 TARGETS = {"decode": 1.2, "prefill": 1.2, "disk_vs_q4_k_m": 1.1, "rss": 1.2, "kl_vs_q4_k_m_imatrix": 0.5}
 

@@ -15,6 +15,9 @@ from sc2quant.core.hf import GPTQ_CUDA_KERNELS
 from sc2quant.evaluate.metrics import compare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_gptqmodel = pytest.mark.skipif(  # installed by `make install`; a lent GPU machine gets it from .device
+    importlib.util.find_spec("gptqmodel") is None,
+    reason="gptqmodel is not installed (make install; on a GPU machine, tools/device_bundle.py)")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def test_bnb_on_cuda_quantizes_loads_and_drifts_little(embedded_model_dir, tmp_p
     assert model.generate("import os\n", max_new_tokens=8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+@needs_gptqmodel
 def test_gptq_on_cuda_quantizes_and_loads(embedded_model_dir, tmp_path, windows, cpu_fp32):
     from sc2quant.quant import QuantizeOptions, quantize
     from sc2quant.runtime import load
@@ -98,7 +101,7 @@ def test_gptq_on_cuda_quantizes_and_loads(embedded_model_dir, tmp_path, windows,
     assert cross["top1_agreement"] > 0.97, cross
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+@needs_gptqmodel
 @pytest.mark.parametrize("kernel", [None, "gptq_torch"])
 def test_gptq_format_315m_loads_offline_and_generates(tmp_path_factory, monkeypatch, kernel):
     """A GPTQ-format checkpoint at a real model's proportions (315M) loads and decodes on CUDA

@@ -61,6 +61,7 @@ def serve_cmd(
       sc2quant serve out/embedded-gptq-int4-g128 --engine vllm
     """
     from sc2quant.core.system import check_threads
+    from sc2quant.runtime.engines import ENGINE_CHOICES
     from sc2quant.runtime.server import Limits, serve
 
     v, given = resolve(ctx, recipe)
@@ -69,8 +70,8 @@ def serve_cmd(
     if v["engine"] != "vllm" and vllm_only:
         raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(vllm_only))} applies to --engine vllm "
                         "only: add --engine vllm or drop it")
-    if v["engine"] not in ("auto", "torch", "onnx", "vllm"):
-        raise UserError(f"unknown engine '{v['engine']}': choose auto, torch, onnx or vllm")
+    if v["engine"] not in (*ENGINE_CHOICES, "vllm"):
+        raise UserError(f"unknown engine '{v['engine']}': choose one of {', '.join((*ENGINE_CHOICES, 'vllm'))}")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
                     header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
     serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],

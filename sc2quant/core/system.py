@@ -64,6 +64,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
+    return _cpuinfo()[1]
+
+
 @functools.cache
 def _hardware() -> tuple[str, tuple[str, ...], bool, bool]:
     import torch

@@ -89,15 +89,8 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     if artifact.is_artifact(source.path):
         manifest = artifact.verify(source.path) if verify else artifact.read_manifest(source.path)
     kind = manifest.kind if manifest else "hf"
-    chosen = choose_engine(kind, resolve_device(device), engine)
     run_path = source.path
-    if kind == "gptq" and chosen == "onnx" and not verify:
-        # the conversion is cached under the manifest's checksums: only for files that match them
-        if engine == "onnx":
-            raise UserError("a GPTQ artifact runs in ONNX Runtime after a conversion that needs its checksums "
-                            "verified: drop verify=False (--no-verify), or use engine torch")
-        chosen = "torch"
-    if kind == "gptq" and chosen == "onnx" and manifest is not None:
+    if choose_engine(kind, resolve_device(device), engine, verified=verify) == "onnx" and kind == "gptq" and manifest:
         from sc2quant.runtime.convert import converted_onnx
 
         run_path, kind = converted_onnx(source.path, manifest), "onnx"
@@ -105,6 +98,21 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     opened = open_engine(kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
                                                        profile_dir=profile_dir, static_cache=static_cache))
     return Model(opened, source.path, manifest)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A prompt's token ids (FIM markers written in the text are recognised), refusing what is not
+    a prompt: not a string, not UTF-8, no tokens. Every runtime behind the server checks this way."""
+    if not isinstance(text, str):
+        raise UserError(f"prompts must be strings, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError("the prompt is empty: give at least one character of code")
+    return ids
 
 
 class Model:
@@ -128,16 +136,7 @@ class Model:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt; special tokens written in the text (FIM markers) are recognised."""
-        if not isinstance(text, str):
-            raise UserError(f"prompts must be strings, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError("the prompt is empty: give at least one character of code")
-        return ids
+        return encode_prompt(self.tokenizer, text)
 
     def stream_generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,

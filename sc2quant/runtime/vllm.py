@@ -32,7 +32,7 @@ from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_tokenizer, read_config
 from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
-from sc2quant.runtime import Chunk, Sampling, StopFilter
+from sc2quant.runtime import Chunk, Sampling, StopFilter, encode_prompt
 from sc2quant.runtime.backends import Request, Unavailable
 
 PYTHON_ENV = "SC2QUANT_VLLM_PYTHON"
@@ -174,15 +174,7 @@ class VllmBackend:
         bodies = []
         for prompt in request.prompts:
             text = prompt if request.suffix is None else fim_prompt(prompt, request.suffix)
-            if not isinstance(text, str):
-                raise UserError("prompts must be strings")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
-            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n == 0:
-                raise UserError("the prompt is empty: give at least one character of code")
+            n = len(encode_prompt(self.tokenizer, text))
             if n >= self.context:
                 raise UserError(f"the prompt has {n} tokens but the model's context is {self.context}: shorten it")
             bodies.append({"model": self.served, "prompt": text, "max_tokens": min(request.max_tokens, self.context - n),
@@ -198,9 +190,6 @@ class VllmBackend:
     async def close(self) -> None:
         await self.client.aclose()
         await asyncio.to_thread(self.stop_process)
-
-    def fail(self, reason: str) -> None:
-        self.failed = reason
 
 
 class VllmStream:
@@ -243,10 +232,7 @@ class VllmStream:
                         piece = stop.feed(text)
                         if piece:
                             self.queue.put_nowait(Chunk(row, piece, None, prompt_tokens, completion, seed))
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            if self.backend.process.poll() is not None:
-                self.backend.fail(f"the vLLM process exited with status {self.backend.process.returncode}: "
-                                  "restart the server")
+        except (httpx.TransportError, httpx.StreamError) as exc:  # health() notes a dead process's exit
             self.queue.put_nowait(Unavailable(f"vLLM stopped answering ({type(exc).__name__}): "
                                               f"{self.backend.health().get('reason', 'see its log')}"))
             return

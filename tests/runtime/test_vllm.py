@@ -16,13 +16,14 @@ import time
 import httpx
 import pytest
 
+from sc2quant.core.system import cpu_flags
 from sc2quant.runtime.vllm import default_python
 from tests.reliability.test_hostile_clients import _stop
 from tests.runtime.test_server import start_server
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(default_python() is None, reason="vLLM is not installed (make install-vllm)")]
-AVX512 = "avx512f" in open("/proc/cpuinfo").read()
+AVX512 = "avx512f" in cpu_flags()
 needs_avx512 = pytest.mark.skipif(not AVX512, reason="vLLM's CPU build runs GPTQ only with AVX512 (cpu_gemm_wna16)")
 PROMPT = "def fibonacci(n):\n"
 FIM = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n"}

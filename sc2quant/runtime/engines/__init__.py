@@ -24,10 +24,11 @@ ENGINES: dict[str, str] = {
 ENGINE_CHOICES = ("auto", "torch", "onnx")
 
 
-def choose_engine(kind: str, device: str, requested: str = "auto") -> str:
+def choose_engine(kind: str, device: str, requested: str = "auto", verified: bool = True) -> str:
     """Which engine runs an artifact of `kind`: the registered one, except that a GPTQ artifact
     on the CPU runs through ONNX Runtime's int4 kernels (converted once, see runtime.convert)
-    unless `torch` is asked for."""
+    unless `torch` is asked for. The conversion is cached under the artifact's checksums, so
+    only files whose checksums were `verified` are converted."""
     if requested not in ENGINE_CHOICES:
         raise UserError(f"unknown engine '{requested}': choose one of {', '.join(ENGINE_CHOICES)}")
     if requested == "onnx" and kind not in ("onnx", "gptq"):
@@ -35,7 +36,10 @@ def choose_engine(kind: str, device: str, requested: str = "auto") -> str:
                         "or drop --engine")
     if requested == "torch" and kind == "onnx":
         raise UserError("an ONNX export runs in ONNX Runtime only: drop --engine torch, or run its source model")
-    if kind == "gptq" and (requested == "onnx" or (requested == "auto" and device == "cpu")):
+    if kind == "gptq" and requested == "onnx" and not verified:
+        raise UserError("a GPTQ artifact runs in ONNX Runtime after a conversion that needs its checksums "
+                        "verified: drop verify=False (--no-verify), or use engine torch")
+    if kind == "gptq" and (requested == "onnx" or (requested == "auto" and device == "cpu" and verified)):
         return "onnx"
     return "onnx" if kind == "onnx" else "torch"
 

@@ -73,7 +73,7 @@ class OnnxEngine:
             raise UserError(f"{self.path.name} is an ONNX graph computing in {self.dtype}, fixed when it was exported: "
                             f"drop --dtype, or export again with `sc2quant export onnx --dtype {options.dtype}`")
         self.tokenizer = load_tokenizer(self.path)
-        self._ones = np.ones((1, 0), dtype=np.int64)
+        self._ones = np.ones((1, self.context_length), dtype=np.int64)  # batch 1's mask: a slice of it
 
     # --- Engine protocol -------------------------------------------------------------------
 
@@ -142,8 +142,6 @@ class OnnxEngine:
             raise UserError(f"sequence of {total} tokens exceeds the model's context length "
                             f"({self.context_length}): shorten the prompt or generate fewer tokens")
         if len(lengths) == 1:  # one row: a slice of a mask of ones (no allocation per step)
-            if self._ones.shape[1] < total:
-                self._ones = np.ones((1, self.context_length), dtype=np.int64)
             mask = self._ones[:, :total]
         else:
             mask = (np.arange(total)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
