@@ -26,6 +26,7 @@ from typing import Any
 from bench.models import REAL_SHAPES, write_random_sharded
 from bench.timing import run_child
 from sc2quant.core.console import console
+from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.system import machine, tool_versions
 from sc2quant.core.tables import Table, markdown
@@ -70,6 +71,20 @@ def measure(args: list[str]) -> dict[str, Any]:
 
 
 KEPT = {"rtn-int4-g128", "onnx-int4"}  # outputs later rows load
+MARK = ".sc2quant-bench-scale"  # in every folder this bench makes, so that only those are ever removed
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at `path`: a previous one of this bench's (marked) is removed; anything else
+    there is the user's and is refused, never deleted."""
+    if path.exists():
+        if not (path / MARK).is_file():
+            raise UserError(f"{path} exists and is not a folder this bench made: choose another --work, "
+                            "or move it away yourself")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARK).touch()
+    return path
 
 
 def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -> dict[str, Any]:
@@ -79,9 +94,7 @@ def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -
     if not model.exists():
         with console.status(f"writing a random {shape} StarCoder2"):
             write_random_sharded(model, **REAL_SHAPES[shape])
-    work = root / f"{shape}-outputs"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_dir(root / f"{shape}-outputs")
     rows = []
     for run in methods(model, work, gptq_samples, shape):
         console.print(f"{shape}: {run['name']}")
@@ -150,14 +163,13 @@ def gptq_per_layer(root: Path, samples: int) -> dict[str, Any]:
     model = root / "starcoder2-7b-2layers-random"
     if not model.exists():
         write_random_sharded(model, **{**REAL_SHAPES["7b"], "num_hidden_layers": 2})
-    out = root / "7b-2layers-gptq"
-    shutil.rmtree(out, ignore_errors=True)
+    out = root / "7b-2layers-gptq"  # --force replaces only a previous sc2quant output, never the user's
     row = {"method": f"quantize gptq int4 g128 (2 of 32 layers, {samples} samples; projected)",
-           **measure(["quantize", str(model), "--out", str(out), "--calib-samples", str(samples),
+           **measure(["quantize", str(model), "--out", str(out), "--force", "--calib-samples", str(samples),
                       "--calib-seqlen", "512"])}
     row["bytes_written"] = dir_bytes(out)
     row["projected_seconds_32_layers"] = row["seconds"] / 2 * 32
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out)  # the output quantize has just written
     return row
 
 

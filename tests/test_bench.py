@@ -127,3 +127,18 @@ def test_llama_cpp_is_built_native_except_its_crashing_amx_path():
     amx = cpu_options({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"})
     assert amx[0] == "-DGGML_NATIVE=OFF" and not any("AMX" in o for o in amx)
     assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=OFF"} <= set(amx)
+
+
+def test_the_scale_bench_removes_only_folders_it_made(tmp_path):
+    from bench.scale import MARK, fresh_dir
+    from sc2quant.core.errors import UserError
+
+    mine = tmp_path / "3b-outputs"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a folder this bench made"):
+        fresh_dir(mine)
+    assert (mine / "todo.txt").read_text() == "mine"
+    ours = fresh_dir(tmp_path / "7b-outputs")
+    (ours / "rtn-int4-g128").mkdir()
+    assert fresh_dir(ours) == ours and [p.name for p in ours.iterdir()] == [MARK]  # a previous run's: emptied

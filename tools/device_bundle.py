@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -29,6 +30,7 @@ SOURCE = ["gptqmodel==7.6.0", "defuser==0.0.28", "device-smi==0.5.7", "logbar==0
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 KEEP_BNB = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so")
 LIMIT = 64 * 2**20
+MARK = "sc2quant-device-bundle.txt"  # in every bundle this script writes: only such a folder is replaced
 
 
 def pip(*args: str) -> None:
@@ -67,19 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".device"))
     a = ap.parse_args(argv)
-    tmp = a.out.with_name(a.out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    platforms = [x for p in PLATFORMS for x in ("--platform", p)]
-    pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-        *platforms, "-d", str(tmp), *BINARY)
-    for spec in SOURCE:
-        download_source(spec, tmp)
-    for wheel in tmp.glob("bitsandbytes-*.whl"):
-        trim_bitsandbytes(wheel)
-    total = sum(f.stat().st_size for f in tmp.iterdir())
-    shutil.rmtree(a.out, ignore_errors=True)
-    tmp.rename(a.out)
+    if a.out.exists() and not (a.out / MARK).is_file():
+        raise SystemExit(f"{a.out} exists and is not a bundle this script wrote: choose another --out, "
+                         "or move it away yourself")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{a.out.name}-", dir=a.out.parent))  # ours alone, renamed into place
+    try:
+        platforms = [x for p in PLATFORMS for x in ("--platform", p)]
+        pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+            *platforms, "-d", str(tmp), *BINARY)
+        for spec in SOURCE:
+            download_source(spec, tmp)
+        for wheel in tmp.glob("bitsandbytes-*.whl"):
+            trim_bitsandbytes(wheel)
+        total = sum(f.stat().st_size for f in tmp.iterdir())
+        (tmp / MARK).write_text("python tools/device_bundle.py\n")
+        if a.out.exists():
+            shutil.rmtree(a.out)  # a previous bundle (checked above)
+        tmp.rename(a.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary folder made above, never a user's
+        raise
     print(f"{a.out}: {len(list(a.out.iterdir()))} files, {total / 2**20:.1f} MiB "
           f"(a device call carries at most {LIMIT // 2**20} MiB with the working tree)", file=sys.stderr)
     return 0
