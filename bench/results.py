@@ -41,10 +41,13 @@ def write(result: dict, out_dir: Path) -> Path:
     return out_dir / f"{name}.md"
 
 
-def _check(what: str, value: float, target: float, at_least: bool) -> str:
+def _check(what: str, value: float, target: float, at_least: bool, spread: list | None = None) -> str:
+    """One target: "meets" only when the median meets it; the per-round spread (min-max) is always shown."""
     ok = value >= target if at_least else value <= target
     gap = "" if ok else f", off by {abs(value / target - 1):.0%}"
-    return f"- {what} = **{value:.2f}x** ({'meets' if ok else 'misses'} {'>=' if at_least else '<='} {target:.2f}x{gap})"
+    where = f", rounds {spread[0]:.2f}-{spread[1]:.2f} (n={spread[2]})" if spread else ""
+    return (f"- {what} = **{value:.2f}x** median{where} ({'meets' if ok else 'misses'} "
+            f"{'>=' if at_least else '<='} {target:.2f}x{gap})")
 
 
 def verdict(result: dict) -> list[str]:
@@ -57,9 +60,11 @@ def verdict(result: dict) -> list[str]:
     for name in DEFAULTS:
         c, q4km = big.get(name, {}), big.get("llama.cpp Q4_K_M+imatrix", {})
         if "ratio_vs_reference" in c:
-            r = c["ratio_vs_reference"]
-            lines.append(_check(f"300M decode, {name} / Q4_0", r["decode_tokens_per_s"], TARGETS["decode"], True))
-            lines.append(_check(f"300M prefill, {name} / Q4_0", r["prefill_tokens_per_s"], TARGETS["prefill"], True))
+            r, spread = c["ratio_vs_reference"], c.get("ratio_spread", {})
+            lines.append(_check(f"300M decode, {name} / Q4_0", r["decode_tokens_per_s"], TARGETS["decode"], True,
+                                spread.get("decode_tokens_per_s")))
+            lines.append(_check(f"300M prefill, {name} / Q4_0", r["prefill_tokens_per_s"], TARGETS["prefill"], True,
+                                spread.get("prefill_tokens_per_s")))
             lines.append(_check(f"300M peak RSS, {name} / Q4_0", r["peak_rss_bytes"], TARGETS["rss"], False))
         if "bytes_on_disk" in c and q4km.get("bytes_on_disk"):
             lines.append(_check(f"300M disk, {name} / Q4_K_M+imatrix", c["bytes_on_disk"] / q4km["bytes_on_disk"],

@@ -1,6 +1,6 @@
 """`make bench`: sc2quant's runtimes against llama.cpp and transformers on the same weights.
 
-    python -m bench.run [--models embedded,300m] [--threads N] [--rounds 3] [--out bench/results]
+    python -m bench.run [--models embedded,300m] [--threads N] [--rounds 5] [--out bench/results]
 
 Speed: every contender in a fresh child process per round, contenders in a rotated order each
 round, medians over rounds, and ratios against llama.cpp Q4_0 taken within each round (absolute
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="embedded,300m", help="comma-separated: embedded, 300m, 3b (random, real shape)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every contender")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)  # fewer rounds give spreads too wide for a verdict
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--work", type=Path, default=Path("bench/work"), help="built contenders (reused across runs)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (no compiler or no network)")
@@ -179,8 +179,10 @@ def summarize(entry: dict, bandwidth: float, reference: str) -> None:
         return
     ref_round = {r["round"]: r for r in ref["rounds"]}
     for c in measured.values():
-        ratio = {k: statistics.median(r[k] / ref_round[r["round"]][k] for r in c["rounds"] if r["round"] in ref_round)
-                 for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+        per_round = {k: [r[k] / ref_round[r["round"]][k] for r in c["rounds"] if r["round"] in ref_round]
+                     for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+        ratio = {k: statistics.median(v) for k, v in per_round.items()}
+        c["ratio_spread"] = {k: [min(v), max(v), len(v)] for k, v in per_round.items()}  # min, max, rounds
         ratio["peak_rss_bytes"] = c["median"]["peak_rss_bytes"] / ref["median"]["peak_rss_bytes"]
         ratio["bytes_on_disk"] = c["bytes_on_disk"] / ref["bytes_on_disk"]
         c["ratio_vs_reference"] = ratio

@@ -131,30 +131,29 @@ def bound(run: dict[str, Any], row: dict[str, Any], shape: str, gptq_samples: in
         hessians = 4 * (3 * h * h + i * i)  # inputs of qkv, o_proj, c_fc; c_proj
         activations = 2 * 4 * gptq_samples * c["seqlen"] * h
         total = held + layer + hessians + activations
-    return {"bound_bytes": total, "within_bound": row["peak_rss_bytes"] <= total}
+    return {"bound_bytes": total, "within_bound": row["peak_rss_bytes"] <= total, "artifact_bytes": held}
 
 
-# why a row misses its bound, measured and explained (rendered under the table when it does)
+# why a row misses its bound (rendered under the table when it does). Words only: every figure
+# beside an explanation is computed from the measured row when it is rendered.
 WHY = {
     "quantize gptq": "GPTQModel's process itself (torch, transformers, GPTQModel imported; its CPU "
-                     "thread pools) holds about 0.7 GB that the issue's formula leaves out.",
+                     "thread pools) holds memory that the issue's formula leaves out.",
     "export onnx fp16": "the float export holds its whole output until ONNX writes it, plus one layer "
-                        "converted through fp32 and the embedding and lm_head: 1.7 GB over the output at 3B, "
-                        "3.0 GB at 7B (it grows with the layer's size, not with the number of layers).",
+                        "converted through fp32 and the embedding and lm_head (the excess grows with the "
+                        "layer's size, not with the number of layers).",
     "export onnx int4 from GPTQ-format": "the GPTQ integers of one decoder layer are unpacked to fp32 "
                                          "beside the MatMulNBits copy being built: the excess is about one "
-                                         "layer in fp32 (3B 0.38 GB, 7B 0.87 GB), per layer, not the model.",
+                                         "layer in fp32, per layer, not the model.",
     "export onnx int4": "the builder holds the int4 graph until ONNX writes it (the output) plus one "
-                        "layer's fp32 weights being quantized (7B: 0.87 GB) and the embedding.",
+                        "layer's fp32 weights being quantized and the embedding.",
     "run GPTQ-format": "a GPTQ artifact on the CPU runs in ONNX Runtime: the first run converts it in a child "
-                       "process (the export-from-GPTQ row's peak plus the waiting parent's ~0.35 GB), then "
+                       "process (the export-from-GPTQ row's peak plus the waiting parent), then "
                        "loads the ONNX copy (the run-ONNX row); the larger of the two, against a bound computed "
                        "from the smaller GPTQ checkpoint.",
     "run ONNX": "ONNX Runtime keeps its prepacked copy of the int4 weights (MatMulNBits) while the pages of "
-                "the weights file it read them from are still resident: about 1.6x the artifact (3B: 3.35 GB "
-                "for 1.98; 7B: 7.18 for 4.61). The 1.5 GB slack covers that at 3B, not at 7B. Prepacking off "
-                "halves it but decodes ~20x slower; the fix still to make is ORT's saved prepacked weights "
-                "(session.save_external_prepacked_constant_initializers), mapped on load.",
+                "the weights file it read them from are still resident; the fix still to make is ORT's saved "
+                "prepacked weights (session.save_external_prepacked_constant_initializers), mapped on load.",
 }
 
 
@@ -214,7 +213,10 @@ def render(result: dict[str, Any]) -> str:
             if r.get("within_bound") is False:
                 over = (r["peak_rss_bytes"] - r["bound_bytes"]) / GB
                 why = next((w for k, w in WHY.items() if r["method"].startswith(k)), "not explained yet.")
-                lines += [f"- {r['method']}: {over:.2f} GB over its bound: {why}"]
+                held = r["bytes_written"] or r.get("artifact_bytes", 0)
+                size = f", {r['peak_rss_bytes'] / held:.2f}x the {held / GB:.2f} GB it wrote or read" if held else ""
+                lines += [f"- {r['method']}: peak {r['peak_rss_bytes'] / GB:.2f} GB, {over:.2f} GB over its bound"
+                          f"{size}: {why}"]
             if "projected_seconds_32_layers" in r:
                 lines += [f"GPTQ on the 7B shape: {r['seconds']:.0f} s for 2 layers, so about "
                           f"{r['projected_seconds_32_layers'] / 3600:.1f} h for 32 on this machine; peak RSS "

@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from sc2quant.core.errors import IntegrityError, UserError
-
-__version__ = "0.1.0"
+from sc2quant.core.version import __version__
 
 
 def load(path: Any = None, device: str = "cpu", verify: bool = True, threads: int | None = None, dtype: str = "auto",
-         engine: str = "auto"):
-    """Load an artifact or model directory for generation; see `sc2quant.runtime.load`."""
+         engine: str = "auto", **options: Any):
+    """Load an artifact or model directory for generation; see `sc2quant.runtime.load` (options:
+    prefix_cache_bytes, prefill_chunk, profile_dir, static_cache)."""
     from sc2quant.runtime import load as _load
 
-    return _load(path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine)
+    return _load(path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine, **options)
 
 
 def quantize(model: Any = None, **options: Any):

@@ -29,7 +29,12 @@ def stored_elements(files: list[Path]) -> dict[str, int]:
 def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
     source = resolve_source(model)
     cfg = read_config(source.path)
-    if artifact.is_artifact(source.path) and artifact.read_manifest(source.path).kind == "onnx":
+    kind = artifact.read_manifest(source.path).kind if artifact.is_artifact(source.path) else None
+    if kind is not None:
+        from sc2quant.formats import get_format
+
+        get_format(kind).check(cfg, source.id)  # an unknown kind, or one its config.json contradicts
+    if kind == "onnx":
         files = sorted(p for p in source.path.iterdir() if p.suffix in ONNX_WEIGHT_SUFFIXES)
     else:
         files = weight_files(source.path)

@@ -162,6 +162,21 @@ def rtn_artifact(embedded_model_dir, artifacts_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gptq_artifact(tiny_model_dir, artifacts_dir) -> Path:
+    """int4 g32 round-to-nearest of the tiny model, in GPTQ's format (converted to ONNX on the CPU): seconds."""
+    return quantize_to(artifacts_dir / "tiny-rtn-int4-g32", model=str(tiny_model_dir), method="rtn", bits=4,
+                       group_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_artifact(tiny_model_dir, artifacts_dir) -> Path:
+    """An fp32 ONNX export of the tiny model: seconds."""
+    from sc2quant.export.onnx import export_onnx
+
+    return export_onnx(tiny_model_dir, artifacts_dir / "tiny-onnx-fp32", dtype="fp32", weights="fp")
+
+
+@pytest.fixture(scope="session")
 def eval_sets_small(embedded_model_dir):
     """A few windows of every evaluation source of calib_data (the same for every test)."""
     from sc2quant.core.data import eval_documents
@@ -201,3 +216,34 @@ def onnx_int4_artifact(embedded_model_dir, artifacts_dir) -> Path:
 
     """int4 everywhere, lm_head included (the smallest export; the default keeps an int8 lm_head)."""
     return export_onnx(None, artifacts_dir / "onnx-int4", dtype="fp32", weights="int4", block_size=32, lm_head="int4")
+
+
+def ort_int8_kernel() -> str:
+    """Which of ONNX Runtime's int8-activation (accuracy level 4) MatMulNBits kernels this CPU runs.
+    ORT has no AMX kernel for MatMulNBits: AMX machines run the AVX512-VNNI one (named here so a
+    failure says which path ran)."""
+    from sc2quant.core.system import cpu_flags
+
+    flags = cpu_flags()
+    if "avx512_vnni" in flags:
+        return "avx512-vnni" + ("-amx-cpu" if "amx_int8" in flags else "")
+    return "avx2-vnni" if "avx_vnni" in flags else "avx2"
+
+
+# Relative RMS error of one value rounded to int8 with a per-block absmax scale, at crest factor
+# 1 (|x| = max|x| in its block): a uniform rounding error of half a step, step = max/127.
+INT8_ROUNDING = 1 / (127 * 12 ** 0.5)  # 2.27e-3
+
+
+def int8_activation_tolerance(crest: float = 4.0) -> float:
+    """Relative logit error between fp32 activations and ONNX Runtime's int8-quantized activations
+    (MatMulNBits accuracy level 4, blocks of 32) on the same int4 weights.
+
+    Each block's step is max|x|/127, so a value's rounding error relative to the block's RMS is
+    INT8_ROUNDING times the block's crest factor (max/RMS; 2-4 for the embedded model's LayerNorm
+    outputs and MLP activations). The residual stream carries that relative error through the
+    layers without compounding it (each layer adds its own branch's error to a larger stream), so
+    the logits' relative error stays of the order of one matmul's: measured 1.9e-3 on AVX512-VNNI
+    with AMX, 2.25e-3 on AVX512-VNNI without AMX. A wrong scale, zero point or group order gives
+    errors of 0.1 and more (GPTQ vs RTN alone differ by ~0.1)."""
+    return crest * INT8_ROUNDING

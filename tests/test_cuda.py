@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sc2quant.core.hf import GPTQ_CUDA_KERNELS
 from sc2quant.evaluate.metrics import compare
+from sc2quant.formats.gptq import GPTQ_CUDA_KERNELS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_gptqmodel = pytest.mark.skipif(  # installed by `make install`; a lent GPU machine gets it from .device

@@ -94,3 +94,19 @@ def test_run_fibonacci_looks_like_code():
     assert result.exit_code == 0, result.output
     completion = result.stdout.split("def fibonacci(n):\n", 1)[1]
     assert any(k in completion for k in ("return", "if ", "for ", "=")) and "\n" in completion
+
+
+def test_sources_md_names_modules_and_files_that_exist():
+    """SOURCES.md named sc2quant.data and sc2quant/corpus.py after they moved to tools/."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (calib_data_dir() / "SOURCES.md").read_text()
+    modules = re.findall(r"python -m ([\w.]+)", text)
+    files = re.findall(r"\b([\w/]+\.py)\b", text)
+    assert modules and files
+    for module in modules:
+        assert (repo / (module.replace(".", "/") + ".py")).is_file(), module
+    for file in files:
+        assert (repo / file).is_file(), file

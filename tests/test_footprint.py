@@ -344,3 +344,22 @@ def test_cli_bad_input_exits_2_with_one_line(args: tuple[str, ...], word: str) -
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_head,name", [("int8", "onnx-int4-b32-sym-lm8"), ("int4", "onnx-int4-b32-sym"),
+                                          ("float", "onnx-int4-b32-sym-lmf")])
+def test_onnx_int4_rows_count_every_initializer_of_a_real_export(embedded_model_dir, tmp_path, lm_head, name):
+    """Whole graphs, byte for byte: the int4 body, the lm_head at its precision, the tied embedding
+    (shared with an int4/int8 head, stored once in float), the rotary tables."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sc2quant.core.hf import read_config
+    from sc2quant.export.onnx import export_onnx
+
+    out = export_onnx(None, tmp_path / "onnx", weights="int4", lm_head=lm_head)
+    proto = onnx.load(str(out / "model.onnx"))
+    stored = sum(numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
+    row = fp.predict_method(fp.shape_from_config(read_config(embedded_model_dir)), name)
+    assert (row.method, row.saved_bytes) == (name, stored)

@@ -24,6 +24,7 @@ import typer
 
 from sc2quant.core.console import console, current_log, library_output, quiet_libraries, write_result
 from sc2quant.core.errors import UserError
+from sc2quant.core.signals import take_sigint
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,7 +50,8 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto (this CPU's policy), fp32, bf16 or fp16.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check artifact checksums first.")]
 EngineOpt = Annotated[str, typer.Option(
-    help="auto (GPTQ on a CPU runs in ONNX Runtime, converted once), torch or onnx.")]
+    help="auto (the artifact's fastest engine that can take it: GPTQ on a CPU runs in ONNX Runtime, converted "
+         "once, when its grid allows), torch or onnx.")]
 
 
 def version_text() -> str:
@@ -89,8 +91,12 @@ INTERRUPTED = {verb: "[bold red]interrupted[/]: nothing was written" for verb in
 INTERRUPTED["serve"] = "stopped"
 
 
-def command(verb: str) -> Callable[[F], F]:
-    """Wrap a verb's command: library output to a log, one-line errors with the right exit status."""
+def command(verb: str, own_signals: bool = False) -> Callable[[F], F]:
+    """Wrap a verb's command: library output to a log, one-line errors with the right exit status.
+
+    own_signals: the command installs its own SIGINT/SIGTERM handling (serve's `StopSignals`, which
+    takes over a Ctrl-C recorded since start-up); otherwise Ctrl-C raises KeyboardInterrupt from here.
+    """
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -98,6 +104,8 @@ def command(verb: str) -> Callable[[F], F]:
             try:
                 with library_output(verb, verbose=bool(kwargs.get("verbose"))):
                     try:
+                        if not own_signals:
+                            take_sigint()
                         return fn(*args, **kwargs)
                     except (UserError, KeyboardInterrupt, typer.Exit):
                         raise

@@ -18,6 +18,7 @@ from sc2quant.cli.common import (
     print_json,
     resolve,
 )
+from sc2quant.quant import QUANTIZERS
 from sc2quant.quant.base import QuantizeOptions
 
 D = QuantizeOptions()  # the defaults live in QuantizeOptions, shared with the Python API
@@ -28,7 +29,7 @@ D = QuantizeOptions()  # the defaults live in QuantizeOptions, shared with the P
 def quantize_cmd(
     ctx: typer.Context,
     model: ModelArg = None,
-    method: Annotated[str, typer.Option(help="gptq, bnb or rtn.")] = D.method,
+    method: Annotated[str, typer.Option(help=f"{', '.join(QUANTIZERS)}.")] = D.method,
     bits: Annotated[int, typer.Option(help="Weight bits: gptq 2|3|4|8, rtn 2|4|8, bnb 4|8.")] = D.bits,
     group_size: Annotated[int, typer.Option(help="gptq/rtn: group size (32, 64, 128; -1 = per row).")] = D.group_size,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="gptq: activation order.")] = D.act_order,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +26,7 @@ from sc2quant.core.errors import UserError
 
 
 @app.command("serve")
-@command("serve")
+@command("serve", own_signals=True)  # SIGINT/SIGTERM: recorded by serve's StopSignals from its first line
 def serve_cmd(
     ctx: typer.Context,
     model: ModelArg = None,
@@ -47,6 +51,9 @@ def serve_cmd(
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more get 503.")] = 64,
     read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send headers or a body piece.")]
     = 10.0,
+    prompt_cache_mb: Annotated[int, typer.Option(
+        help="MiB of KV cache kept between requests: a prompt sharing a prefix with an earlier one prefills only "
+             "the rest (ONNX engine; 0 = off).")] = 1024,
     verify: VerifyOpt = True,
     recipe: RecipeOpt = None,
     verbose: VerboseOpt = False,
@@ -62,7 +69,8 @@ def serve_cmd(
     """
     from sc2quant.core.system import check_threads
     from sc2quant.runtime.engines import ENGINE_CHOICES
-    from sc2quant.runtime.server import Limits, serve
+    from sc2quant.runtime.launch import serve
+    from sc2quant.runtime.server import Limits
 
     v, given = resolve(ctx, recipe)
     check_threads(v["threads"])
@@ -72,8 +80,41 @@ def serve_cmd(
                         "only: add --engine vllm or drop it")
     if v["engine"] not in (*ENGINE_CHOICES, "vllm"):
         raise UserError(f"unknown engine '{v['engine']}': choose one of {', '.join((*ENGINE_CHOICES, 'vllm'))}")
+    not_for_vllm = {"threads", "device", "prompt_cache_mb"} & given  # --dtype is forwarded to vLLM's own --dtype
+    if v["engine"] == "vllm" and not_for_vllm:
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(not_for_vllm))} cannot be passed to "
+                        "vLLM, which sets its own threads, device and prefix cache (VLLM_CPU_OMP_THREADS_BIND, its CPU "
+                        "or CUDA build, automatic prefix caching): drop it")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
-                    header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
-    serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],
-          api_key=v["api_key"], allow_no_api_key=v["allow_no_api_key"], threads=v["threads"], dtype=v["dtype"],
-          engine=v["engine"], vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"]})
+                    header_timeout=v["read_timeout"], body_timeout=v["read_timeout"],
+                    prompt_cache_bytes=v["prompt_cache_mb"] << 20)
+    stopped_by = serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],
+                       api_key=v["api_key"], allow_no_api_key=v["allow_no_api_key"], threads=v["threads"],
+                       dtype=v["dtype"], engine=v["engine"],
+                       vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"],
+                             "dtype": v["dtype"]})
+    exit_as_signalled(stopped_by)
+
+
+def exit_as_signalled(signum: int | None) -> None:
+    """Ctrl-C: "stopped" and exit status 130 (the command wrapper); SIGTERM: the status of a process
+    SIGTERM ended (143 in a shell), as a service manager expects; no signal: 0."""
+    if signum == signal.SIGINT:
+        from sc2quant.runtime.launch import LOADER_THREAD
+
+        if any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+            # the model is still loading inside native code (ONNX Runtime, torch): finalizing the
+            # interpreter under it aborts the process (std::terminate, exit -6); leave without it
+            from sc2quant.cli.common import INTERRUPTED
+            from sc2quant.core.console import console
+
+            console.print(INTERRUPTED["serve"])
+            for stream in (sys.stdout, sys.stderr, console.file):
+                stream.flush()
+            os._exit(130)
+        raise KeyboardInterrupt
+    if signum == signal.SIGTERM:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)

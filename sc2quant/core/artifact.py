@@ -18,12 +18,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sc2quant.core.errors import IntegrityError, UserError
 from sc2quant.core.files import read_json, sha256_file
-from sc2quant.core.names import KINDS, WEIGHT_SUFFIXES
+from sc2quant.core.names import WEIGHT_SUFFIXES
 from sc2quant.core.system import tool_versions
 
 MANIFEST_NAME = "sc2quant.json"
@@ -32,13 +32,17 @@ REPORT_FORMAT = "sc2quant-report"  # a `sc2quant report --out` directory (not lo
 FORMAT_VERSION = 1
 TMP_PREFIX = ".sc2quant-tmp-"
 PID_FILE = ".pid"  # in a staging directory: the pid of the process writing it
+MAX_MANIFEST_FILES = 10_000  # a 15B checkpoint has a few dozen files
+# Files transformers or the runtime read from an artifact's top level besides its *.json (all of which are read
+# or could be): an unlisted one would change the model or tokenizer without failing any checksum.
+LOADER_FILES = ("merges.txt", "tokenizer.model", "chat_template.jinja", "vocab.txt", "spiece.model")
 GENAI_CONFIG = "genai_config.json"  # an ONNX artifact's description of its graph (onnxruntime-genai's format)
 
 
 @dataclass
 class Manifest:
-    kind: str  # see sc2quant.core.names.KINDS: decides which engine loads it
-    method: str  # the method's label (sc2quant.core.names.Method.label): "bnb-nf4", "gptq", "onnx-int4", ...
+    kind: str  # the artifact kind (a registered `sc2quant.formats.Format`): decides how it loads and runs
+    method: str  # the method's label (sc2quant.formats.Method.label): "bnb-nf4", "gptq", "onnx-int4", ...
     bits: int | None = None
     group_size: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # method-specific settings
@@ -62,13 +66,19 @@ class Manifest:
 
 
 
+def _is_kind(kind: Any) -> bool:
+    """A kind as manifests write it (a short name); whether a format is registered for it is the
+    formats' question (`sc2quant.formats.get_format`), asked where the artifact is used."""
+    return isinstance(kind, str) and kind.isidentifier() and len(kind) <= 32
+
+
 def source_identity(source_id: str, kind: str, path: Path) -> dict[str, Any]:
     """Who the weights came from: id plus sha256 of each weight file (so drift is traceable)."""
     weights = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES and p.is_file()}
     ident: dict[str, Any] = {"id": source_id, "kind": kind, "weights_sha256": weights}
     manifest = path / MANIFEST_NAME
     if manifest.is_file():  # an artifact made from an artifact: keep the chain
-        with contextlib.suppress(json.JSONDecodeError):
+        with contextlib.suppress(ValueError, RecursionError, OSError, AttributeError):
             ident["manifest"] = {k: json.loads(manifest.read_text()).get(k) for k in ("kind", "method", "bits", "source")}
     return ident
 
@@ -78,13 +88,13 @@ def output_verb(path: Path) -> str | None:
     file = Path(path) / MANIFEST_NAME
     try:
         data = json.loads(file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
     if data.get("format") == REPORT_FORMAT:
         return "report"
-    if data.get("format") == FORMAT_NAME and data.get("kind") in KINDS:
+    if data.get("format") == FORMAT_NAME and _is_kind(data.get("kind")):
         return data.get("verb") or ("export onnx" if data["kind"] == "onnx" else "quantize")  # manifests before `verb`
     return None
 
@@ -92,18 +102,34 @@ def output_verb(path: Path) -> str | None:
 def output_path(given: str | os.PathLike | None, default: Path) -> Path:
     """The --out a user gave (an empty string is refused, not read as "."), or the default."""
     if given is None:
-        return default
-    if not str(given).strip():
+        out = default
+    elif not str(given).strip():
         raise UserError("--out is empty: give the path of a new directory")
-    return Path(given)
+    else:
+        out = Path(given)
+    check_out_location(out)
+    return out
+
+
+def check_out_location(out: Path) -> None:
+    """Refuse an --out that cannot be renamed into place: a link to nowhere (the rename would
+    replace the link, not write where it points) and a mount point (it cannot be renamed)."""
+    out = Path(out).expanduser()
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out} is a link to {os.readlink(out)}, which does not exist: "
+                        "remove the link or choose another --out")
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if out.exists() and os.path.ismount(target) and target != cwd and target not in cwd.parents:  # those: said below
+        raise UserError(f"--out {out} is a mount point, which cannot be replaced: choose a new directory inside it")
 
 
 def check_output_path(out: Path | str, force: bool, verb: str, inputs: Sequence[Path | str] = ()) -> None:
     """Refuse, before any work, an output path that would lose data.
 
     An existing directory is replaced only with `force`, and only when it is empty or a previous
-    output of the same `verb` (its sc2quant.json says so). Never a file, the working directory or
-    one of its parents, an input of the command or a directory holding one.
+    output of the same `verb` that verifies and holds nothing else (`check_replaceable`). Never a file, the working directory or
+    one of its parents, an input of the command, a directory holding one or one inside it.
     """
     if not str(out).strip():
         raise UserError("--out is empty: give the path of a new directory")
@@ -116,6 +142,9 @@ def check_output_path(out: Path | str, force: bool, verb: str, inputs: Sequence[
         if target == inp or target in inp.parents:
             what = "is" if target == inp else "holds"
             raise UserError(f"--out {out} {what} an input of this command ({raw}): choose another directory")
+        if inp in target.parents:  # writing into an input changes it (an artifact then fails its own checks)
+            raise UserError(f"--out {out} is inside an input of this command ({raw}): the input would change; "
+                            "choose a directory outside it")
     ancestor = target.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -132,13 +161,78 @@ def check_output_path(out: Path | str, force: bool, verb: str, inputs: Sequence[
 
 
 def check_replaceable(target: Path, verb: str, shown: Path | str | None = None) -> None:
-    """--force replaces an empty directory or a previous output of the same command, nothing else."""
-    if not any(target.iterdir()) or output_verb(target) == verb:
-        return
+    """--force replaces an empty directory, or a previous output of the same command that is exactly
+    what sc2quant wrote: every file listed in its manifest, unchanged (size and sha256), nothing added."""
+    if not any(target.iterdir()):
+        return  # an empty directory holds nothing of the user's
     made_by = output_verb(target)
-    why = f"it was written by `sc2quant {made_by}`" if made_by else f"it has no {MANIFEST_NAME}"
-    raise UserError(f"--force will not replace {shown or target}: it is not an output of `sc2quant {verb}` ({why}); "
-                    "choose another --out, or remove it yourself")
+    if made_by != verb:
+        why = f"it was written by `sc2quant {made_by}`" if made_by else f"it has no {MANIFEST_NAME}"
+        raise UserError(f"--force will not replace {shown or target}: it is not an output of `sc2quant {verb}` ({why}); "
+                        "choose another --out, or remove it yourself")
+    files = listed_files(target)
+    problems = ([f"{MANIFEST_NAME} lists no files (an older sc2quant wrote it)"] if files is None
+                else not_ours(target, files))
+    if problems:
+        shown_problems = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UserError(f"--force will not replace {shown or target}: it holds what sc2quant did not write "
+                        f"({shown_problems}); move those files out of it, or choose another --out")
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `root` but the manifest and the staging marker: the manifest's `files`."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST_NAME, PID_FILE)}
+
+
+def listed_files(target: Path) -> dict[str, dict[str, Any]] | None:
+    """The `files` table of `target`'s sc2quant.json, or None if it has none of the right shape."""
+    try:
+        data = json.loads((target / MANIFEST_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for entry in files.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            return None
+    return files
+
+
+def not_ours(target: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """What in `target` its manifest does not vouch for: unlisted files, folders and links, changed or missing files."""
+    folders = {parent.as_posix() for name in files for parent in PurePosixPath(name).parents}
+    problems: list[str] = []
+    found: set[str] = set()
+    for path in sorted(target.rglob("*")):
+        rel = path.relative_to(target).as_posix()
+        if rel == MANIFEST_NAME or (rel == PID_FILE and _is_pid_file(path)):
+            continue
+        if path.is_symlink() or (not path.is_dir() and rel not in files):
+            problems.append(rel)
+        elif path.is_dir():
+            if rel not in folders:
+                problems.append(rel + "/")
+        else:
+            found.add(rel)
+            if _changed(path, files[rel]):
+                problems.append(f"{rel} (changed)")
+    problems += [f"{name} (missing)" for name in files if name not in found]
+    return problems
+
+
+def _changed(path: Path, entry: dict[str, Any]) -> bool:
+    return path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]
+
+
+def _is_pid_file(path: Path) -> bool:
+    """The staging marker a run killed between its rename and its cleanup left behind (only digits)."""
+    try:
+        return path.is_file() and path.stat().st_size < 32 and path.read_text().strip().isdigit()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def clean_stale_tmp(parent: Path) -> None:
@@ -211,11 +305,7 @@ def commit(tmp: Path, out: Path, manifest: Manifest, force: bool = False) -> Man
     from sc2quant.core.console import status
 
     with status(f"checksums of {out.name}"):
-        manifest.files = {
-            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name not in (MANIFEST_NAME, PID_FILE)
-        }
+        manifest.files = file_table(tmp)
     (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     publish(tmp, out, force, manifest.verb)
     return manifest
@@ -252,7 +342,7 @@ def read_manifest(path: Path) -> Manifest:
     data = read_json(file, "the artifact is damaged; recreate it", IntegrityError)
     if isinstance(data, dict) and data.get("format") == REPORT_FORMAT:
         raise UserError(f"{path} is a `sc2quant report` directory, not an artifact: pass an artifact")
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("kind") not in KINDS:
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or not _is_kind(data.get("kind")):
         raise IntegrityError(f"{file} is not an sc2quant manifest (format/kind unknown): recreate the artifact")
     files = data.get("files")
     entries_ok = isinstance(files, dict) and all(
@@ -276,19 +366,45 @@ def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
     path = Path(path)
     manifest = manifest or read_manifest(path)
     root = path.resolve()
+    if len(manifest.files) > MAX_MANIFEST_FILES:
+        raise IntegrityError(f"the manifest of {path} lists {len(manifest.files):,} files, more than any artifact holds "
+                             f"({MAX_MANIFEST_FILES:,}): recreate the artifact")
+    checked: dict[Path, dict[str, Any]] = {}
     for name, entry in manifest.files.items():
         file = (path / name).resolve()
         if root not in file.parents:
             raise IntegrityError(f"manifest of {path} points outside the artifact ({name}): refusing to load it")
+        if PurePosixPath(name).as_posix() != name or name.startswith("/") or ".." in PurePosixPath(name).parts:
+            raise IntegrityError(f"manifest of {path} names a file as {name[:80]!r}, not as sc2quant writes it: "
+                                 "recreate the artifact")
+        if file in checked:  # one file listed under two names (a link): hashed once, both entries must agree
+            if checked[file] != {"sha256": entry["sha256"], "bytes": entry["bytes"]}:
+                raise IntegrityError(f"manifest of {path} lists {name} twice with different checksums: "
+                                     "recreate the artifact")
+            continue
         if not file.is_file():
             raise IntegrityError(f"{path} is incomplete: {name} is missing; recreate the artifact")
-        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+        try:
+            changed = file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]
+        except UserError as exc:  # not a regular file
+            raise IntegrityError(f"{name} in {path}: {exc}") from exc
+        except OSError as exc:
+            raise IntegrityError(f"cannot read {name} in {path} ({exc.strerror}): make it readable") from exc
+        if changed:
             raise IntegrityError(f"{name} in {path} does not match its checksum (modified or truncated): "
                                  "recreate the artifact, or load with verify=False")
+        checked[file] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
     for file in path.rglob("*"):
         rel = file.relative_to(path).as_posix()
-        if file.is_file() and file.suffix in WEIGHT_SUFFIXES and rel not in manifest.files:
+        if file.is_symlink() and root not in file.resolve().parents:
+            raise IntegrityError(f"{path} holds a link {rel} to {file.resolve()}, outside the artifact: remove it")
+        if rel in manifest.files or not file.is_file():
+            continue
+        if file.suffix in WEIGHT_SUFFIXES:
             raise IntegrityError(f"{path} holds an unexpected weight file {rel} not in its manifest: remove it")
+        if "/" not in rel and (file.suffix == ".json" or rel in LOADER_FILES) and rel != MANIFEST_NAME:
+            raise IntegrityError(f"{path} holds {rel}, which its manifest does not list and a loader would read: "
+                                 "remove it, or recreate the artifact")
     return manifest
 
 
@@ -297,8 +413,13 @@ def update_metrics(path: Path, metrics: dict[str, Any]) -> None:
     manifest = read_manifest(path)
     manifest.metrics.update(metrics)
     tmp = Path(path) / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(manifest.to_json())
-    tmp.replace(Path(path) / MANIFEST_NAME)
+    try:
+        tmp.write_text(manifest.to_json())
+        tmp.replace(Path(path) / MANIFEST_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_genai_config(path: Path) -> dict[str, Any]:

@@ -39,7 +39,9 @@ T = TypeVar("T")
 LIBRARY_LOGGERS = ("transformers", "torch", "torchao", "bitsandbytes", "accelerate", "optimum", "gptqmodel",
                    "tokenicer", "logbar", "onnxruntime", "onnx", "onnxscript", "onnx_ir", "uvicorn", "httpx",
                    "huggingface_hub", "datasets", "urllib3", "matplotlib")
-KEEP_LOGS = 30
+KEEP_LOGS = 30  # of our own logs (LOG_PREFIX name and LOG_MARKER first line); nothing else in the folder is touched
+LOG_PREFIX = "sc2quant-"
+LOG_MARKER = "# sc2quant log:"
 
 # Results (tables, text, JSON) go to stdout; progress and messages to stderr, so that
 # `sc2quant inspect > f.txt` or `--json | jq` get the results alone.
@@ -128,11 +130,25 @@ def current_log() -> Path | None:
 
 
 def _new_log(verb: str) -> Path:
+    """A new log file, its first line our marker; the oldest of our own logs beyond KEEP_LOGS are removed."""
     folder = log_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    for old in sorted(folder.glob("*.log"))[:-KEEP_LOGS]:  # our own files: keep the last few
+    ours = sorted(p for p in folder.glob(LOG_PREFIX + "*.log") if _is_our_log(p))  # names start with the time
+    for old in ours[:max(0, len(ours) - KEEP_LOGS)]:
         old.unlink(missing_ok=True)
-    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{verb.replace(' ', '-')}-{os.getpid()}.log"
+    path = folder / f"{LOG_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{verb.replace(' ', '-')}-{os.getpid()}.log"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{LOG_MARKER} {verb}, pid {os.getpid()}, {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    return path
+
+
+def _is_our_log(path: Path) -> bool:
+    """A log sc2quant wrote: our name prefix and our marker on its first line (a user's *.log is never rotated)."""
+    try:
+        with open(path, "rb") as fh:
+            return path.is_file() and not path.is_symlink() and fh.read(len(LOG_MARKER)) == LOG_MARKER.encode()
+    except OSError:
+        return False
 
 
 def _own_stream(stream: IO[str], saved_fd: int) -> IO[str]:
@@ -158,7 +174,11 @@ def library_output(verb: str, verbose: bool = False) -> Iterator[Path | None]:
     if verbose:
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
-        yield None
+        _state["verbose"] = True  # the user asked to see library output: api_output leaves it alone
+        try:
+            yield None
+        finally:
+            _state["verbose"] = False
         return
     try:
         path = _new_log(verb)
@@ -204,3 +224,52 @@ def library_output(verb: str, verbose: bool = False) -> Iterator[Path | None]:
         quiet_libraries()
         _state["log"] = None
         log.close()
+
+
+API_OUTPUT_ENV = "SC2QUANT_LIBRARY_OUTPUT"  # "stderr": the Python API sends library output to stderr, not a log file
+
+
+@contextlib.contextmanager
+def api_output(verb: str) -> Iterator[None]:
+    """Around a public Python API call (`load`, `quantize`, `export_onnx`, `report`): nothing that
+    sc2quant calls writes to file descriptor 1, which belongs to the application (a language server
+    speaking JSON-RPC over stdio, say). Library output goes to the log file, as in the CLI, or to
+    stderr with SC2QUANT_LIBRARY_OUTPUT=stderr; the caller's logging setup is restored afterwards.
+    Inside a CLI verb or another API call (already redirected) it does nothing."""
+    if _state["log"] is not None or _state.get("api") or _state.get("verbose"):
+        yield
+        return
+    _state["api"] = True
+    # the libraries' loggers as the caller left them (importing transformers, or quiet_libraries, changes them)
+    saved = {name: (lg.level, lg.handlers[:], lg.propagate) for name in LIBRARY_LOGGERS
+             for lg in [logging.getLogger(name)]}
+    try:
+        if os.environ.get(API_OUTPUT_ENV) == "stderr":
+            with _stdout_to_stderr():
+                yield
+        else:
+            with library_output(verb):
+                yield
+    finally:
+        _state["api"] = False
+        for name in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            level, logger.handlers[:], logger.propagate = saved[name]
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

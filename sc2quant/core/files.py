@@ -4,24 +4,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
 from sc2quant.core.errors import UserError
 
+MAX_JSON_BYTES = 64 * 2**20  # configs, manifests and genai configs are kilobytes; an index of a huge model < 10 MB
+MAX_SAFETENSORS_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+def check_regular(file: Path, what: str = "file") -> None:
+    """Refuse what is not a regular file (a FIFO would block the reader forever, a device never ends)
+    before anything opens it. A missing file is left to the caller (FileNotFoundError)."""
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot read {file} ({exc.strerror}): make it readable, or pass another path") from exc
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{file} is not a regular {what} (a FIFO, device or directory): replace it with the real file")
+
 
 def read_json(file: Path, fix: str, error: type[UserError] = UserError) -> Any:
-    """Parse a JSON file or raise `error` naming the file and `fix` (what the user should do)."""
+    """Parse a JSON file or raise `error` naming the file and `fix` (what the user should do).
+    A file that is not a regular file, unreadable, absurdly large or nested too deeply is refused too."""
     try:
+        check_regular(Path(file))
+        if Path(file).stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{file} is {Path(file).stat().st_size:,} bytes, far more than a JSON file of a model holds: {fix}")
         return json.loads(Path(file).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise error(f"{file} is missing: {fix}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{file} is not valid JSON ({exc}): {fix}") from exc
+    except RecursionError:
+        raise error(f"{file} is nested too deeply to be a model's JSON file: {fix}") from None
+    except OSError as exc:  # permission denied, a directory, an I/O error
+        raise error(f"cannot read {file} ({exc.strerror}): make it readable, or {fix}") from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    check_regular(Path(path))
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -36,9 +63,34 @@ def dir_bytes(path: Path) -> int:
 
 
 def safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(header length, tensor entries) of a safetensors file, read without loading tensors."""
+    """(header length, tensor entries) of a safetensors file, read without loading tensors.
+    A header that cannot be one (longer than the file or safetensors' limit, not a JSON mapping of
+    entries with a dtype, a shape and offsets) is a `UserError` naming the file."""
+    file = Path(file)
+    check_regular(file, "weight file")
+    size = file.stat().st_size
+    bad = f"corrupt weight file {file.name}"
     with open(file, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
+        first = fh.read(8)
+        if len(first) < 8:
+            raise UserError(f"{bad} ({size} bytes, no safetensors header): re-download or re-export the model")
+        (header_len,) = struct.unpack("<Q", first)
+        if header_len > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise UserError(f"{bad} (its header claims {header_len:,} bytes of a {size:,}-byte file): "
+                            "re-download or re-export the model")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (ValueError, RecursionError):
+            raise UserError(f"{bad} (its header is not valid JSON): re-download or re-export the model") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} (its header is not a mapping of tensors): re-download or re-export the model")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in info["data_offsets"]))
+        if not ok:
+            raise UserError(f"{bad} (tensor {str(name)[:80]} has no valid dtype, shape and offsets): "
+                            "re-download or re-export the model")
     return header_len, header

@@ -3,9 +3,10 @@
 Everything is validated before weights are read: a wrong architecture, missing or corrupt
 weights, a missing tokenizer and pickle checkpoints are `UserError`s. Loading goes through
 transformers exactly as a plain user would (`AutoModelForCausalLM.from_pretrained`), plus
-three guards: weights the checkpoint lacks or mis-shapes are refused (transformers only
-warns and fills them with noise), GPTQModel is imported without its side effects, and
-bitsandbytes' CPU kernel choice follows the compute policy below.
+a guard: weights the checkpoint lacks or mis-shapes are refused (transformers only warns and
+fills them with noise). What a quantized kind adds (GPTQModel imported without its side
+effects, GPTQ kernels to try on CUDA, bitsandbytes' CPU kernel choice under the compute
+policy below) comes from its format as `LoadHooks` (see `sc2quant.formats`).
 
 Compute policy (`compute_policy`), per CPU kind (`sc2quant.core.system.cpu_caps`):
 
@@ -27,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sc2quant.core.errors import UserError
-from sc2quant.core.files import read_json, safetensors_header
+from sc2quant.core.files import check_regular, read_json, safetensors_header
 from sc2quant.core.names import FLOAT_DTYPES, PICKLE_SUFFIXES
 from sc2quant.core.source import ModelSource, resolve_source
 
@@ -65,23 +66,136 @@ def resolve_device(device: str) -> str:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a StarCoder2 model directory (anything else is refused)."""
-    if not (Path(path) / "config.json").is_file():
+    """config.json of a StarCoder2 model directory (anything else is refused), checked against the
+    shapes its weights' headers declare before anything is sized from it (`check_config_shapes`)."""
+    file = Path(path) / "config.json"
+    if not file.exists() and not file.is_symlink():
+        _listable(Path(path))  # an unreadable directory says so, not "no config.json"
         raise UserError(f"no config.json in {path}: not a Hugging Face model directory")
-    cfg = read_json(Path(path) / "config.json", "restore the file")
+    cfg = read_json(file, "restore the file")
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if model_type != "starcoder2":
         raise UserError(f"{path} holds a '{model_type}' model, not StarCoder2 (model_type 'starcoder2'): "
                         "sc2quant only handles Starcoder2ForCausalLM checkpoints")
+    check_config_shapes(Path(path), cfg)
     return cfg
+
+
+# What config.json sizes; each must be a positive integer (transformers allocates from them).
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_shapes(path: Path, cfg: dict[str, Any]) -> None:
+    """Refuse a config.json whose sizes the weights do not have (a claim of 100,000 layers, or of a
+    hidden, vocabulary or MLP size the tensors do not hold), from the safetensors headers alone:
+    transformers would allocate what the config says before noticing."""
+    for key in SHAPE_KEYS:
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UserError(f"{path}/config.json: {key} must be a positive integer, got {str(value)[:40]}: "
+                            "restore the file")
+    header: dict[str, Any] = {}
+    for f in _listable(path):
+        if f.suffix == ".safetensors" and f.is_file():
+            try:
+                header.update(safetensors_header(f)[1])
+            except (UserError, OSError):
+                return  # a broken weight file: weight_files says so, naming it
+    if not header:  # an ONNX export: its genai_config.json sizes the buffers (the graph's inputs are checked at load)
+        genai = path / "genai_config.json"
+        data = read_json(genai, "re-export the model") if genai.is_file() else None
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and isinstance(data["model"].get("decoder"), dict):
+            check_genai_sizes(path, data, cfg)
+        return
+
+    def shape(name: str) -> list[int] | None:
+        return header[name]["shape"] if name in header else None
+
+    claims: list[str] = []
+
+    def expect(key: str, declared: int | None, what: str) -> None:
+        if declared is not None and cfg.get(key) is not None and cfg[key] != declared:
+            claims.append(f"{key} {cfg[key]} but the weights have {what} {declared}")
+
+    layers = {int(m.group(1)) for name in header if (m := _LAYER.match(name))}
+    count = cfg.get("num_hidden_layers")
+    if layers and count is not None and (count > max(layers) + 1 or any(i not in layers for i in range(count))):
+        claims.append(f"num_hidden_layers {count} but the weights hold {len(layers)} layers")
+    embed = shape("model.embed_tokens.weight")
+    if embed and len(embed) == 2:
+        expect("vocab_size", embed[0], "an embedding of rows")
+        expect("hidden_size", embed[1], "an embedding width")
+    norm = shape("model.norm.weight")
+    if norm and len(norm) == 1:
+        expect("hidden_size", norm[0], "a final norm of width")
+    fc_bias = shape("model.layers.0.mlp.c_fc.bias")
+    if fc_bias and len(fc_bias) == 1:
+        expect("intermediate_size", fc_bias[0], "an MLP width")
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    q_bias, k_bias = shape("model.layers.0.self_attn.q_proj.bias"), shape("model.layers.0.self_attn.k_proj.bias")
+    if head_dim and isinstance(head_dim, int) and q_bias and len(q_bias) == 1 and q_bias[0] % head_dim == 0:
+        expect("num_attention_heads", q_bias[0] // head_dim, "attention heads")
+    if head_dim and isinstance(head_dim, int) and k_bias and len(k_bias) == 1 and k_bias[0] % head_dim == 0:
+        expect("num_key_value_heads", k_bias[0] // head_dim, "KV heads")
+    if claims:
+        raise UserError(f"{path}/config.json does not match its weights ({'; '.join(dict.fromkeys(claims))}): "
+                        "restore the model's own config.json")
+
+
+def check_genai_sizes(path: Path, genai: dict[str, Any], config: Any) -> None:
+    """genai_config.json sizes the KV cache and logits buffers: every size must be a positive integer
+    and agree with config.json, and the context may not exceed the model's max_position_embeddings
+    (a context_length of 2**28 would allocate tens of GB before any check)."""
+    model, decoder = genai["model"], genai["model"]["decoder"]
+    config = config if isinstance(config, dict) else {}
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    sizes = {
+        "context_length": (model.get("context_length"), config.get("max_position_embeddings"), "max_position_embeddings"),
+        "vocab_size": (model.get("vocab_size"), config.get("vocab_size"), "vocab_size"),
+        "num_hidden_layers": (decoder.get("num_hidden_layers"), config.get("num_hidden_layers"), "num_hidden_layers"),
+        "num_key_value_heads": (decoder.get("num_key_value_heads"), config.get("num_key_value_heads"),
+                                "num_key_value_heads"),
+        "head_size": (decoder.get("head_size"), config.get("head_dim") or (
+            hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None),
+            "hidden_size / num_attention_heads"),
+    }
+    for key, (value, limit, name) in sizes.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UserError(f"genai_config.json in {path}: {key} must be a positive integer, got {str(value)[:40]}: "
+                            "re-export the model")
+        if not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
+            raise UserError(f"config.json in {path} has no valid {name}: re-export the model")
+        if value > limit if key == "context_length" else value != limit:
+            relation = "exceeds" if key == "context_length" else "does not match"
+            raise UserError(f"genai_config.json in {path}: {key} {value} {relation} the model's {name} ({limit}): "
+                            "re-export the model")
+
+
+def _listable(path: Path) -> list[Path]:
+    """The entries of a model directory, or a `UserError` when it cannot be read."""
+    try:
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        return sorted(Path(path).iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read the directory {path} ({exc.strerror}): make it readable") from exc
 
 
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     """The safetensors files of a model directory, checked to be readable and complete."""
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    entries = _listable(path)
+    files = [p for p in entries if p.suffix == ".safetensors"]
+    pickles = [p for p in entries if p.suffix in PICKLE_SUFFIXES]
+    for f in files + pickles:
+        try:
+            check_regular(f, "weight file")  # a FIFO named *.safetensors would block every reader forever
+        except FileNotFoundError as exc:
+            raise UserError(f"weight file {f.name} in {path} is a broken link: restore the file it points to") from exc
     if not files:
         if pickles and not allow_pickle:
             raise UserError(f"{path} has only pickle weights ({pickles[0].name}), which can run arbitrary code: "
@@ -122,6 +236,14 @@ def load_tokenizer(path: Path) -> Any:
         raise UserError(f"cannot load the tokenizer from {path} ({exc}): the directory needs tokenizer.json") from exc
     if len(tokenizer) == 0:
         raise UserError(f"the tokenizer in {path} is empty: copy the original model's tokenizer files")
+    config = Path(path) / "config.json"
+    cfg = read_json(config, "restore the file") if config.is_file() else None
+    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        top = max(tokenizer.get_vocab().values(), default=-1)  # added tokens included
+        if top >= vocab:
+            raise UserError(f"the tokenizer in {path} has token ids up to {top} but the model's vocabulary has "
+                            f"{vocab} rows: it is not this model's tokenizer; copy the original model's tokenizer files")
     return tokenizer
 
 
@@ -132,26 +254,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_SIDE_FILES:
         if (src / name).is_file() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
-
-
-@contextlib.contextmanager
-def contained_gptqmodel_import() -> Iterator[None]:
-    """Import GPTQModel without its side effects on the user's environment.
-
-    tokenicer (imported by GPTQModel) points HF_HOME at /tmp when unset, and GPTQModel's
-    default CPU worker count (1 on a 2-core machine) stalls quantization.
-    """
-    saved = os.environ.get("HF_HOME")
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, os.cpu_count() or 2))))
-    try:
-        import gptqmodel  # noqa: F401
-
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HOME", None)
-        else:
-            os.environ["HF_HOME"] = saved
 
 
 # ----------------------------------------------------------------------------- compute policy
@@ -203,28 +305,6 @@ def compute_policy(quant: dict[str, Any] | None, device: str, requested: str = "
     return ComputePolicy(dtype, False, "as transformers loads it")
 
 
-def set_bnb_repack(model: Any, enabled: bool) -> None:
-    """Let bitsandbytes repack 4-bit weights for its AVX512-BF16 kernel on the first CPU forward, or not."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = enabled
-
-
-def assert_savable(model: Any) -> None:
-    """Refuse to save a 4-bit model whose weights were repacked for the CPU kernel: bitsandbytes'
-    inverse of the repack is lossy (absmax went through bf16), so the checkpoint would differ."""
-    import bitsandbytes as bnb
-
-    for name, module in model.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(state, "packing_format_for_cpu", False):
-            raise UserError(f"{name} was repacked for bitsandbytes' AVX512-BF16 kernel by a forward pass; saving now "
-                            "would write a different checkpoint: save before running the model, or load it with "
-                            "dtype fp32 (no repack)")
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -238,29 +318,30 @@ class LoadedModel:
     kernel: str | None = None  # GPTQ: the GPTQModel kernel chosen
 
 
-# GPTQ kernels for CUDA, in order of preference. GPTQModel's own choice on Hopper is Machete,
-# which refuses some shapes instead of falling back and builds itself at first use by
-# downloading CUTLASS (an offline GPU machine cannot); Marlin compiles at first use too. These
-# two need nothing at run time but triton (shipped with CUDA torch) or plain torch.
-GPTQ_CUDA_KERNELS = ("gptq_triton", "gptq_torch")
-GPTQ_KERNEL_ENV = "SC2QUANT_GPTQ_KERNEL"
+class LoadHooks(Protocol):
+    """What an artifact kind adds to loading (its `sc2quant.formats.Format` implements this).
+    `quant` is the checkpoint's quantization_config (None: none)."""
 
+    def load_context(self, quant: dict[str, Any] | None) -> Any:
+        """A context manager around `from_pretrained` (an import guard)."""
+        ...
 
-def gptq_cuda_kernels() -> list[str]:
-    """The kernels to try for a GPTQ checkpoint on CUDA: $SC2QUANT_GPTQ_KERNEL, else triton then torch."""
-    import importlib.util
+    def load_attempts(self, quant: dict[str, Any] | None, device: str) -> list[dict[str, Any]]:
+        """Extra `from_pretrained` arguments to try in turn (a kernel that cannot run here: the next)."""
+        ...
 
-    if os.environ.get(GPTQ_KERNEL_ENV):
-        return [os.environ[GPTQ_KERNEL_ENV]]
-    return [k for k in GPTQ_CUDA_KERNELS if k != "gptq_triton" or importlib.util.find_spec("triton") is not None]
+    def after_load(self, model: Any, policy: ComputePolicy) -> None:
+        """Adjust the loaded model to the compute policy."""
+        ...
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", device: str = "cpu",
-               allow_pickle: bool = False, quantization_config: Any = None) -> LoadedModel:
+               allow_pickle: bool = False, quantization_config: Any = None, hooks: LoadHooks | None = None) -> LoadedModel:
     """Load a StarCoder2 checkpoint and its tokenizer, validated, under the compute policy.
 
     dtype: "auto" (the policy), or fp32/bf16/fp16. quantization_config: quantize while loading
-    (bitsandbytes), as `from_pretrained(quantization_config=...)` does.
+    (bitsandbytes), as `from_pretrained(quantization_config=...)` does. hooks: what the artifact's
+    kind adds (its `sc2quant.formats.Format`: import guards, kernels to try, kernel choice).
     """
     from sc2quant.core.console import quiet_libraries, status
 
@@ -276,41 +357,40 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "auto", devi
         policy = ComputePolicy(dtype if dtype != "auto" else "bf16", False, "quantized while loading")
     else:
         policy = compute_policy(quant, dev, dtype)
-    method = (quant or {}).get("quant_method")
     kwargs: dict[str, Any] = {"device_map": dev, "output_loading_info": True,
                               "use_safetensors": files[0].suffix == ".safetensors"}
     if policy.dtype is not None:
         kwargs["dtype"] = torch_dtype(policy.dtype)
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
     from transformers import AutoModelForCausalLM
 
-    gptq = contained_gptqmodel_import() if method == "gptq" else contextlib.nullcontext()
-    kernels: list[str | None] = [None]
-    if method == "gptq" and dev == "cuda" and quantization_config is None:
-        kernels = list(gptq_cuda_kernels())
-    with status(f"loading {source.id} ({policy.label}, {dev})"), gptq:
-        for i, kernel in enumerate(kernels):
-            if kernel is not None:
-                from transformers import GPTQConfig
-
-                kwargs["quantization_config"] = GPTQConfig(bits=int((quant or {}).get("bits", 4)), backend=kernel)
+    attempts = [{"quantization_config": quantization_config}] if quantization_config is not None else [{}]
+    if hooks is not None and quantization_config is None:
+        attempts = hooks.load_attempts(quant, dev)
+    context = hooks.load_context(quant) if hooks is not None else contextlib.nullcontext()
+    with status(f"loading {source.id} ({policy.label}, {dev})"), context:
+        for i, attempt in enumerate(attempts):
             try:
                 hf_model, info = AutoModelForCausalLM.from_pretrained(str(source.path), trust_remote_code=False,
-                                                                      **kwargs)
+                                                                      **kwargs, **attempt)
                 break
             except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here: try the next
-                if i == len(kernels) - 1:
+                if i == len(attempts) - 1:
                     raise
-                logging.getLogger("sc2quant").warning("GPTQ kernel %s failed (%s); trying %s", kernel, exc,
-                                                      kernels[i + 1])
-    if kernels[0] is not None:
-        logging.getLogger("sc2quant").info("GPTQ on CUDA: kernel %s", kernel)
+                logging.getLogger("sc2quant").warning("loading with %s failed (%s); trying %s", _kernel(attempt), exc,
+                                                      _kernel(attempts[i + 1]))
+    kernel = _kernel(attempt) if quantization_config is None else None
+    if kernel is not None:
+        logging.getLogger("sc2quant").info("kernel %s", kernel)
     _check_loading_info(info, source)
-    if method == "bitsandbytes":
-        set_bnb_repack(hf_model, policy.bnb_repack)
+    if hooks is not None:
+        hooks.after_load(hf_model, policy)
     hf_model.eval()
     return LoadedModel(hf_model, tokenizer, source, config, policy, kernel)
+
+
+def _kernel(attempt: dict[str, Any]) -> str | None:
+    """The GPTQ kernel an attempt asks for (None: transformers' own choice)."""
+    return getattr(attempt.get("quantization_config"), "backend", None) if attempt else None
 
 
 def _check_loading_info(info: dict[str, Any], source: ModelSource) -> None:

@@ -53,14 +53,49 @@ def _accepts(tp: Any, value: Any) -> bool:
     return isinstance(value, tp)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few lines
+MAX_RECIPE_DEPTH = 16  # a flat mapping whose values may be lists
+
+
+def _parse(path: Path) -> Any:
+    """A recipe's YAML, refusing what no recipe needs and a parser would choke on: anchors and aliases
+    (a 500-byte "billion laughs" expands to gigabytes), deep nesting, huge or non-regular files."""
+    from sc2quant.core.files import check_regular
+
+    try:
+        check_regular(path, "recipe file")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"recipe {path} is {path.stat().st_size:,} bytes, not a recipe: pass a YAML file of options")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {path} is not UTF-8 text: fix the file") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path} ({exc.strerror}): make it readable") from exc
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built or expanded yet
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise UserError(f"recipe {path} uses YAML anchors or aliases (&, *), which recipes do not allow: "
+                                "write each value out")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise UserError(f"recipe {path} is nested more than {MAX_RECIPE_DEPTH} levels deep: "
+                                    "write a flat mapping of option: value")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    except RecursionError:
+        raise UserError(f"recipe {path} is nested too deeply: write a flat mapping of option: value") from None
+
+
 def load_recipe(name: str | Path, options: type | dict[str, Any]) -> dict[str, Any]:
     """Read and validate a recipe against the fields of a dataclass of options, or against a
     mapping of option name to type (a command's parameters)."""
     path = find_recipe(name)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    data = _parse(path)
     if data is None or data == {} or (isinstance(data, dict) and set(data) == {"description"}):
         raise UserError(f"recipe {path} sets no option: write 'option: value' lines, or drop --recipe")
     if not isinstance(data, dict):
@@ -77,7 +112,8 @@ def load_recipe(name: str | Path, options: type | dict[str, Any]) -> dict[str, A
             raise UserError(f"recipe {path.name}: unknown key '{key}'; allowed keys: "
                             f"{', '.join(sorted(k.replace('_', '-') for k in hints))}")
         if not _accepts(hints[name_], value):
-            raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {value!r}, "
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise UserError(f"recipe {path.name}: '{key}' has a {type(value).__name__} value {shown}, "
                             f"expected {_type_name(hints[name_])}")
         out[name_] = value
     return out

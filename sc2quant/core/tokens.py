@@ -23,6 +23,13 @@ SPECIAL_TOKENS = (
 STOP_TOKENS = (EOS, FILE_SEP)
 
 
-def fim_prompt(prefix: str, suffix: str) -> str:
-    """StarCoder2's fill-in-the-middle prompt (PSM order); the model writes the middle."""
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+def fim_prompt(prefix: str, suffix: str, files: tuple[tuple[str, str], ...] = (), repo: str = "") -> str:
+    """StarCoder2's fill-in-the-middle prompt (PSM order); the model writes the middle.
+
+    files: other files of the project as (name, text), placed before the one being edited in
+    StarCoder2's repository format (`<repo_name>repo<file_sep>name\ntext...<file_sep>`), as an
+    editor plugin sends them (llama.cpp's `input_extra`)."""
+    context = ""
+    if files:
+        context = f"{REPO_NAME}{repo}" + "".join(f"{FILE_SEP}{name}\n{text}" for name, text in files) + FILE_SEP
+    return f"{context}{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"

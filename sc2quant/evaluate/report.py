@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sc2quant.core import artifact
-from sc2quant.core.console import progress
+from sc2quant.core.console import api_output, progress
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.tables import Table, fmt, markdown
@@ -30,6 +30,7 @@ def model_label(path: Path) -> str:
     return "baseline"
 
 
+@api_output("report")
 def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval_paths: list[str] | None = None,
            seqlen: int = 512, stride: int | None = None, max_windows: int = 8, humaneval: bool = False,
            humaneval_limit: int | None = None, device: str = "cpu", speed: bool = True,
@@ -75,7 +76,8 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
                 bar.update(task, description=f"{label}: {what}")
 
             step("loading")
-            model = model or load(path, device=device, verify=False, threads=threads, dtype=dtype, engine=engine)
+            # verified again in the load: a GPTQ artifact's cached ONNX conversion is keyed by checked checksums
+            model = model or load(path, device=device, threads=threads, dtype=dtype, engine=engine)
             row: dict[str, Any] = {"path": str(path), "label": label, "bytes_on_disk": dir_bytes(path)}
             step("drift")
             row["drift"] = compare(sets, model.logits, base.logits, on_source=lambda _: bar.advance(task))
@@ -92,13 +94,25 @@ def report(artifacts: list[str | Path], baseline: str | Path | None = None, eval
     result = {"baseline": str(base_source.path), "evaluation": {"sources": [s.name for s in sets], "seqlen": seqlen,
               "stride": stride or seqlen, "windows_per_source": max_windows,
               "tokens": {s.name: int(s.windows.numel()) for s in sets}}, "models": list(rows.values())}
+    if out is not None:
+        write_outputs(result, Path(out), force, inputs)
     if write_manifests:
         for row in rows.values():
             if artifact.is_artifact(Path(row["path"])):
-                artifact.update_metrics(Path(row["path"]), {"report": _metrics_for_manifest(row, result)})
-    if out is not None:
-        write_outputs(result, Path(out), force, inputs)
+                _record(Path(row["path"]), {"report": _metrics_for_manifest(row, result)})
     return result
+
+
+def _record(path: Path, metrics: dict[str, Any]) -> None:
+    """Merge the metrics into an artifact's manifest; a read-only artifact keeps its manifest (said in
+    one line: the measurements are in the results and the report, not lost)."""
+    from sc2quant.core.console import console
+
+    try:
+        artifact.update_metrics(path, metrics)
+    except OSError as exc:
+        console.print(f"note: {path} is not writable ({exc.strerror}): its manifest was not updated with these metrics",
+                      highlight=False, markup=False, soft_wrap=True)
 
 
 def _metrics_for_manifest(row: dict, result: dict) -> dict:
@@ -178,7 +192,8 @@ def write_outputs(result: dict, out: Path, force: bool, inputs: list[Path] | Non
         (tmp / "report.md").write_text(render_markdown(result))
         plot_tradeoff(result, tmp / "tradeoff.png")
         marker = {"format": artifact.REPORT_FORMAT, "verb": VERB, "baseline": result["baseline"],
-                  "models": [m["path"] for m in result["models"]], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                  "models": [m["path"] for m in result["models"]], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "files": artifact.file_table(tmp)}  # what --force may later replace (artifact.check_replaceable)
         (tmp / artifact.MANIFEST_NAME).write_text(json.dumps(marker, indent=2) + "\n")
         artifact.publish(tmp, out, force, VERB)
 

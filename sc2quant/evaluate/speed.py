@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sc2quant.core.errors import UserError
 from sc2quant.core.system import peak_rss_self
 
 PREFILL_TOKENS = 512
@@ -80,7 +81,14 @@ def measure_in_child(path: str | Path | None, device: str = "cpu", env: dict[str
                      **options: Any) -> dict[str, Any]:
     """`measure` in a freshly spawned process (options as `measure` takes them; `env` is set in
     the child, e.g. SC2QUANT_CPU to measure a forced CPU kind)."""
+    from concurrent.futures.process import BrokenProcessPool
+
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_setup,
-                             initargs=(env or {},)) as pool:
-        return pool.submit(measure, str(path) if path else None, device, **options).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_setup,
+                                 initargs=(env or {},)) as pool:
+            return pool.submit(measure, str(path) if path else None, device, **options).result()
+    except BrokenProcessPool as exc:
+        raise UserError("the speed measurement's child process died before answering: from a Python script, call "
+                        "report() under `if __name__ == \"__main__\":` (the child re-imports the script), or pass "
+                        "speed=False") from exc

@@ -17,25 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from sc2quant.core import artifact
-from sc2quant.core.console import console, progress, quiet_libraries
+from sc2quant.core.console import api_output, console, progress, quiet_libraries
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.hf import check_tokenizer, read_config, weight_files
-from sc2quant.core.names import Method
 from sc2quant.core.source import ModelSource, resolve_source
+from sc2quant.formats import Method, get_format
+from sc2quant.formats.gptq import onnx_refusal
+from sc2quant.formats.onnx import LM_HEADS
 
 DTYPES = ("fp32", "fp16")
 WEIGHTS = ("fp", "int4")
 BLOCK_SIZES = (32, 64, 128)
 DEVICES = ("cpu", "cuda")
-GPTQ_BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes MatMulNBits accepts
-LM_HEADS = ("int4", "int8", "float")
 # Measured on the embedded model (KL to bf16, bench/results): int4 3.8e-3, int8 9.1e-4 for +22 % of
 # disk; the 315M model's export stays within 1.1x llama.cpp Q4_K_M's size.
 DEFAULT_LM_HEAD = "int8"
 VERB = "export onnx"
 
 
+@api_output("export onnx")
 def export_onnx(
     model: str | Path | None = None,
     out: str | Path | None = None,
@@ -79,18 +80,18 @@ def export_onnx(
     check_tokenizer(source.path)
     out = artifact.output_path(out, default_out(source, dtype, weights, block_size, symmetric))
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or DEFAULT_LM_HEAD)
+    method = _method(dtype, weights, block_size, symmetric, opts.lm_head)
     started = time.monotonic()
     with artifact.staging(out, force, VERB, [source.path]) as tmp:
         facts = _build(source, config, tmp, opts)
         shutil.copy2(source.path / "config.json", tmp / "config.json")  # the engine's `config`
-        method = _method(dtype, weights, block_size, symmetric)
         manifest = artifact.Manifest(
             kind=method.kind,
             method=method.label,
             bits=4 if weights == "int4" else int(dtype[2:]),
             group_size=block_size if weights == "int4" else None,
-            params=_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts,
-                           time.monotonic() - started),
+            params={"method_name": method.name,
+                    **_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts, time.monotonic() - started)},
             source=artifact.source_identity(source.id, source.kind, source.path),
             verb=VERB,
         )
@@ -100,9 +101,9 @@ def export_onnx(
     return out
 
 
-def _method(dtype: str, weights: str, block_size: int, symmetric: bool) -> Method:
+def _method(dtype: str, weights: str, block_size: int, symmetric: bool, lm_head: str = "int8") -> Method:
     if weights == "int4":
-        return Method("onnx", 4, block_size, sym=symmetric, dtype=dtype)
+        return Method("onnx", 4, block_size, sym=symmetric, dtype=dtype, lm_head=lm_head)
     return Method("onnx", dtype=dtype)
 
 
@@ -133,6 +134,7 @@ def _check_source(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]
     """Refuse what cannot be exported faithfully; return the GPTQ config of a GPTQ source."""
     if artifact.is_artifact(source.path):
         manifest = artifact.verify(source.path)
+        get_format(manifest.kind).check(config, source.id)  # an unknown kind, or one its config contradicts
         if manifest.kind == "onnx":
             raise UserError(f"{source.id} is already an ONNX export: export its source model instead")
     quant = config.get("quantization_config") or {}
@@ -146,43 +148,12 @@ def _check_source(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]
                         "exported to ONNX")
     weight_files(source.path)
     if method == "gptq":
-        _check_gptq(source, quant)
+        reason = onnx_refusal(source.path, quant)
+        if reason:
+            raise UserError(f"{source.id} (GPTQ) cannot be exported to ONNX: {reason}; re-quantize with "
+                            "`sc2quant quantize --bits 4 --group-size 128` (no act-order), or run it in torch")
         return quant
     return None
-
-
-def _check_gptq(source: ModelSource, quant: dict[str, Any]) -> None:
-    """What the GPTQ -> MatMulNBits carry-over supports: GPTQ v1, 4 bits, groups in input order."""
-    where = f"{source.id} (GPTQ)"
-    if quant.get("bits") != 4:
-        raise UserError(f"{where} has {quant.get('bits')}-bit weights: only 4-bit GPTQ can be exported to ONNX int4")
-    if quant.get("checkpoint_format", "gptq") != "gptq":
-        raise UserError(f"{where} is stored as '{quant.get('checkpoint_format')}', not GPTQ v1: re-save it as v1 "
-                        "(GPTQModel's default) and export again")
-    if quant.get("desc_act"):
-        raise UserError(f"{where} was quantized with act-order (desc_act): its groups are not contiguous, which "
-                        "MatMulNBits on the CPU cannot run; re-quantize with act_order false")
-    if quant.get("lm_head"):
-        raise UserError(f"{where} has a quantized lm_head, which this exporter does not carry over: "
-                        "re-quantize without lm_head quantization")
-    if quant.get("group_size") not in GPTQ_BLOCK_SIZES:
-        raise UserError(f"{where} has group size {quant.get('group_size')}: MatMulNBits needs a block of "
-                        f"{', '.join(map(str, GPTQ_BLOCK_SIZES))}; re-quantize with --group-size 128")
-    _check_g_idx(source.path, int(quant["group_size"]))
-
-
-def _check_g_idx(path: Path, group_size: int) -> None:
-    """act-order can also be hidden in g_idx; MatMulNBits needs group k // group_size for input k."""
-    import torch
-    from safetensors import safe_open
-
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as st:
-            for name in (k for k in st.keys() if k.endswith(".g_idx")):
-                g_idx = st.get_tensor(name)
-                if not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // group_size):
-                    raise UserError(f"{path.name}: {name} reorders input channels (act-order), which MatMulNBits "
-                                    "on the CPU cannot run: re-quantize with act_order false")
 
 
 def _refuse(options: set[str], what: str) -> None:

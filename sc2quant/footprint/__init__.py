@@ -6,8 +6,6 @@ layouts they assume) and `report` (the verb's data and tables). Public names are
 
 from sc2quant.footprint.predict import (
     BNB_BLOCK,
-    GPTQ_GROUPS,
-    ONNX_BLOCKS,
     KvRow,
     Row,
     bnb_4bit_layer_bytes,
@@ -16,7 +14,6 @@ from sc2quant.footprint.predict import (
     kv_cache_bytes,
     kv_rows,
     matmul_nbits_bytes,
-    method_names,
     predict,
     predict_method,
 )
@@ -34,9 +31,10 @@ from sc2quant.footprint.shapes import (
     rotary_buffer_bytes,
     shape_from_config,
 )
+from sc2quant.formats import method_names
 
 __all__ = [
-    "BNB_BLOCK", "CARD_7B_MB", "CONFIG_DEFAULTS", "GB", "GPTQ_GROUPS", "MB", "ONNX_BLOCKS", "PRESETS", "CardRow", "Counts",
+    "BNB_BLOCK", "CARD_7B_MB", "CONFIG_DEFAULTS", "GB", "MB", "PRESETS", "CardRow", "Counts",
     "KvRow", "Row", "Shape", "bnb_4bit_layer_bytes", "bnb_quant_state_json", "counts", "gptq_layer_bytes",
     "kv_cache_bytes", "kv_rows", "legacy_card", "legacy_explanation", "matmul_nbits_bytes", "method_names", "predict",
     "predict_method", "report", "resolve_shape", "rotary_buffer_bytes", "shape_from_config", "tables",

@@ -34,7 +34,7 @@ Layouts assumed (and where they come from):
 What the tests measure: fp32/bf16 and all five bnb methods end to end (resident tensors,
 `get_memory_footprint()`, `state_dict()` and the saved safetensors, byte for byte); GPTQ per
 Linear against gptqmodel's own module buffers; one `MatMulNBits` against onnxruntime's
-quantizer; transformers' KV cache. Whole ONNX graphs (sharing, rotary tables) are not measured.
+quantizer; transformers' KV cache; whole int4 ONNX exports (every lm_head precision) initializer for initializer.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sc2quant.core.names import Method, parse_method
-from sc2quant.footprint.shapes import Counts, Shape, counts, resolve_shape, rotary_buffer_bytes
+from sc2quant.footprint.shapes import Shape, counts, resolve_shape, rotary_buffer_bytes
+from sc2quant.formats import Method, method_names, parse_method
 
 BNB_BLOCK = 64  # bitsandbytes' default 4-bit blocksize, which transformers uses
 BNB_NESTED_BLOCK = 256  # double quant: absmax quantized blockwise in blocks of 256
@@ -57,8 +57,6 @@ BNB_4BIT_MAP = 16 * 4  # fp32 nf4/fp4 code book, one per layer
 # "0." plus 17 digits (a float32 mean in [0.1, 1) printed as a Python float); real files differ
 # by a few bytes per layer.
 BNB_OFFSET_TEXT = "0.12345678901234567"
-GPTQ_GROUPS = (32, 64, 128, -1)
-ONNX_BLOCKS = (32, 128)
 
 @dataclass(frozen=True)
 class Row:
@@ -82,17 +80,6 @@ class KvRow:
     note: str = ""
 
 
-def method_names() -> list[str]:
-    """Every method `predict` knows, in display order (full names, see sc2quant.core.names)."""
-    methods = [Method("fp32"), Method("bf16"), Method("bnb", 8)]
-    methods += [Method("bnb", 4, quant_type=qt, double_quant=dq) for qt in ("nf4", "fp4") for dq in (False, True)]
-    methods += [Method("gptq", bits, g) for bits in (4, 8) for g in GPTQ_GROUPS]
-    methods += [Method("onnx", dtype="fp32"), Method("onnx", dtype="fp16")]
-    methods += [Method("onnx", 4, b, sym=sym) for b in ONNX_BLOCKS for sym in (False, True)]
-    methods += [Method("onnx", 4, 32, sym=False, dtype="fp16")]
-    return [m.name for m in methods]
-
-
 def predict(shape: Shape | str | Path, methods: Iterable[str] | None = None) -> list[Row]:
     """Predicted bytes of each method (all of `method_names()` by default)."""
     shape = resolve_shape(shape)
@@ -100,16 +87,9 @@ def predict(shape: Shape | str | Path, methods: Iterable[str] | None = None) -> 
 
 
 def predict_method(shape: Shape, method: str) -> Row:
-    m, c = parse_method(method), counts(shape)
-    if m.family in ("fp32", "bf16", "fp16"):
-        return _float_row(shape, c, m.family)
-    if m.family == "bnb":
-        return _bnb_int8_row(shape, c) if m.bits == 8 else _bnb_4bit_row(shape, c, m.quant_type or "nf4", m.double_quant)
-    if m.family in ("gptq", "rtn"):
-        return _gptq_row(shape, c, m.bits or 4, m.group or 128)
-    if m.bits == 4:
-        return _onnx_int4_row(shape, c, m.group or 32, symmetric=m.sym, float_bytes=2 if m.dtype == "fp16" else 4)
-    return _onnx_float_row(shape, c, 4 if m.dtype == "fp32" else 2, m.name)
+    """One method's bytes, counted by the format that owns the method (`sc2quant.formats`)."""
+    m = parse_method(method)
+    return m.format.footprint(shape, m)
 
 
 def _row(method: str, parts: dict[str, int], weight_keys: Sequence[str], saved: int, **kw: Any) -> Row:
@@ -117,13 +97,15 @@ def _row(method: str, parts: dict[str, int], weight_keys: Sequence[str], saved: 
     return Row(method, sum(parts.get(k, 0) for k in weight_keys), sum(parts.values()), saved, parts, **kw)
 
 
-def _float_row(shape: Shape, c: Counts, method: str) -> Row:
+def float_row(shape: Shape, method: str) -> Row:
+    c = counts(shape)
     size = 4 if method == "fp32" else 2
     parts = {"weights": size * c.p, "buffers": rotary_buffer_bytes(shape)}
     return _row(method, parts, ["weights"], saved=size * c.p)
 
 
-def _bnb_int8_row(shape: Shape, c: Counts) -> Row:
+def bnb_int8_row(shape: Shape) -> Row:
+    c = counts(shape)
     parts = {
         "quantized weights": c.q,
         "kept weights": 2 * c.n,
@@ -159,7 +141,8 @@ def bnb_quant_state_json(out: int, inp: int, quant_type: str, double_quant: bool
     return (json.dumps(state)[:-1] + f', "nested_offset": {offset_text}}}').encode()
 
 
-def _bnb_4bit_row(shape: Shape, c: Counts, quant_type: str, double_quant: bool) -> Row:
+def bnb_4bit_row(shape: Shape, quant_type: str, double_quant: bool) -> Row:
+    c = counts(shape)
     parts = {"quantized weights": 0, "kept weights": 2 * c.n, "absmax": 0, "quant_map": 0, "nested quant_map": 0}
     saved = 2 * c.n
     for out, inp in c.linears:
@@ -186,7 +169,8 @@ def gptq_layer_bytes(out: int, inp: int, bits: int, group: int) -> dict[str, int
     }
 
 
-def _gptq_row(shape: Shape, c: Counts, bits: int, group: int) -> Row:
+def gptq_row(shape: Shape, bits: int, group: int) -> Row:
+    c = counts(shape)
     parts = {"quantized weights": 0, "kept weights": 2 * c.n, "zeros": 0, "scales": 0, "g_idx": 0}
     for out, inp in c.linears:
         for key, value in gptq_layer_bytes(out, inp, bits, group).items():
@@ -201,30 +185,41 @@ def onnx_rotary_bytes(shape: Shape, float_bytes: int) -> int:
     return 2 * shape.context * shape.rotary_half * float_bytes  # cos_cache and sin_cache
 
 
-def _onnx_float_row(shape: Shape, c: Counts, size: int, method: str) -> Row:
+def onnx_float_row(shape: Shape, size: int, method: str) -> Row:
+    c = counts(shape)
     parts = {"weights": size * c.p, "buffers": onnx_rotary_bytes(shape, size)}
     return _row(method, parts, ["weights"], saved=sum(parts.values()), note="initializers; tied embedding stored once")
 
 
-def matmul_nbits_bytes(n: int, k: int, block: int, symmetric: bool, float_bytes: int) -> dict[str, int]:
-    """Initializers of one 4-bit `MatMulNBits` with N outputs and K inputs."""
+def matmul_nbits_bytes(n: int, k: int, block: int, symmetric: bool, float_bytes: int, bits: int = 4) -> dict[str, int]:
+    """Initializers of one `MatMulNBits` (4 or 8 bits) with N outputs and K inputs."""
     k_blocks = math.ceil(k / block)
-    parts = {"quantized weights": n * k_blocks * block // 2, "scales": n * k_blocks * float_bytes}
+    parts = {"quantized weights": n * k_blocks * block * bits // 8, "scales": n * k_blocks * float_bytes}
     if not symmetric:
-        parts["zeros"] = n * math.ceil(k_blocks / 2)
+        parts["zeros"] = n * math.ceil(k_blocks * bits / 8)
     return parts
 
 
-def _onnx_int4_row(shape: Shape, c: Counts, block: int, symmetric: bool, float_bytes: int) -> Row:
+def onnx_int4_row(shape: Shape, block: int, symmetric: bool, float_bytes: int, lm_head: str = "int8") -> Row:
+    """Decoder MatMuls in int4; lm_head int4 or int8 (a tied embedding shares its matrix, an untied
+    one is int8 too with an int8 head and stays float with an int4 head) or float (tied: stored once)."""
+    c = counts(shape)
     h, v = shape.hidden, shape.vocab
-    float_params = c.n - v * h  # lm_head is int4 (and a tied embedding shares it)
+    head_bits = {"int4": 4, "int8": 8, "float": 0}[lm_head]
+    quantized = [(out, inp, 4) for out, inp in c.linears]
+    if head_bits:
+        quantized.append((v, h, head_bits))
+        if head_bits == 8 and not shape.tied:
+            quantized.append((v, h, 8))  # the untied embedding, read by an 8-bit GatherBlockQuantized
+    float_params = c.n - v * h * (len(quantized) - len(c.linears))
     parts = {"quantized weights": 0, "kept weights": float_bytes * float_params, "scales": 0, "zeros": 0}
-    for out, inp in (*c.linears, (v, h)):
-        for key, value in matmul_nbits_bytes(out, inp, block, symmetric, float_bytes).items():
+    for out, inp, bits in quantized:
+        for key, value in matmul_nbits_bytes(out, inp, block, symmetric, float_bytes, bits).items():
             parts[key] += value
     parts["buffers"] = onnx_rotary_bytes(shape, float_bytes)
-    method = Method("onnx", 4, block, sym=symmetric, dtype="fp16" if float_bytes == 2 else "fp32").name
-    note = "lm_head int4 too" + (", shared with the embedding" if shape.tied else "; embedding in float")
+    method = Method("onnx", 4, block, sym=symmetric, dtype="fp16" if float_bytes == 2 else "fp32", lm_head=lm_head).name
+    shared = "shared with the embedding" if shape.tied else ("embedding int8 too" if head_bits == 8 else "embedding in float")
+    note = f"lm_head {lm_head}, " + ("tied: stored once" if not head_bits and shape.tied else shared)
     return _row(method, parts, ["quantized weights", "kept weights"], saved=sum(parts.values()), note=note)
 
 

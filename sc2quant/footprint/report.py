@@ -3,6 +3,7 @@ figures explained. Data first (`report`, also the `--json` output), then termina
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
@@ -120,12 +121,21 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["note"]:
             by_note.setdefault(r["note"], []).append(r["method"])
-    return [f"{_family(methods)}: {note}" for note, methods in by_note.items()]
+    every = [r["method"] for r in rows]
+    return [f"{_family(methods, every)}: {note}" for note, methods in by_note.items()]
 
 
-def _family(methods: list[str]) -> str:
-    """'gptq-int*' rather than eight method names when a whole family shares a note."""
-    return ", ".join(methods) if len(methods) <= 2 else os.path.commonprefix(methods) + "*"
+def _family(methods: list[str], every: list[str]) -> str:
+    """'gptq-int*' rather than eight method names when a whole family shares a note, and no other
+    method matches that pattern (else the names, in full)."""
+    if len(methods) <= 2:
+        return ", ".join(methods)
+    prefix = os.path.commonprefix(methods)
+    suffix = os.path.commonprefix([m[len(prefix):][::-1] for m in methods])[::-1]
+    pattern = f"{prefix}*{suffix}"
+    if any(fnmatch.fnmatchcase(m, pattern) for m in every if m not in methods):
+        return ", ".join(methods)
+    return pattern
 
 
 def _kv_table(data: dict[str, Any]) -> Table:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sc2quant.core import artifact
+from sc2quant.core.console import api_output
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import check_tokenizer, copy_tokenizer, read_config, resolve_device, weight_files
 from sc2quant.core.source import resolve_source
@@ -34,6 +35,7 @@ def get_quantizer(name: str) -> Quantizer:
 COMMON_OPTIONS = {"model", "out", "method", "device", "force", "allow_pickle", "extra"}
 
 
+@api_output("quantize")
 def quantize(opts: QuantizeOptions, given: set[str] | None = None) -> Path:
     """Quantize `opts.model` with `opts.method`; returns the artifact's directory.
 
@@ -43,7 +45,7 @@ def quantize(opts: QuantizeOptions, given: set[str] | None = None) -> Path:
     if given is None:
         defaults = QuantizeOptions()
         given = {f for f in QuantizeOptions.__dataclass_fields__ if getattr(opts, f) != getattr(defaults, f)}
-    extra = sorted(set(given) - COMMON_OPTIONS - set(quantizer.options))
+    extra = sorted(set(given) - COMMON_OPTIONS - set(quantizer.applicable(opts)))
     if extra:
         flags = ", ".join("--" + e.replace("_", "-") for e in extra)
         raise UserError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to --method {opts.method}: drop it "
@@ -67,10 +69,11 @@ def quantize(opts: QuantizeOptions, given: set[str] | None = None) -> Path:
     with artifact.staging(out, opts.force, VERB, inputs) as tmp:
         details = quantizer.run(opts, source, tmp, prepared, device)
         copy_tokenizer(source.path, tmp)
-        params = {**quantizer.params(opts), "device": device, "seconds": round(time.time() - started, 2), **details}
+        params = {"method_name": method.name, **quantizer.params(opts), "device": device,
+                  "seconds": round(time.time() - started, 2), **details}
         if calibration is not None:
             params["calibration"] = calibration
-        manifest = artifact.Manifest(kind=quantizer.kind, method=method.label, bits=opts.bits, group_size=method.group,
+        manifest = artifact.Manifest(kind=method.kind, method=method.label, bits=opts.bits, group_size=method.group,
                                      params=params, source=artifact.source_identity(source.id, source.kind, source.path),
                                      verb=VERB)
         artifact.commit(tmp, out, manifest, opts.force)

@@ -1,8 +1,8 @@
 """What every quantization method provides, and the options of `sc2quant quantize`.
 
 A method is one module with one `Quantizer` subclass and one line in `QUANTIZERS`
-(`sc2quant/quant/__init__.py`). The quantizer owns its option checks, the checkpoint it writes
-and the artifact kind that says how it is loaded back (the runtime's engine for that kind).
+(`sc2quant/quant/__init__.py`). The quantizer owns its option checks and the checkpoint it writes;
+the method's format (`sc2quant.formats`) owns how that checkpoint is named, loaded and run.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sc2quant.core.names import Method
+from sc2quant.core.errors import UserError
 from sc2quant.core.source import ModelSource
+from sc2quant.formats import Method
 
 
 @dataclass
@@ -41,12 +42,16 @@ class QuantizeOptions:
 
 
 class Quantizer:
-    """One quantization method. Subclasses set `name`, `kind` and `options`, and implement
-    `validate`, `method` and `run`; `prepare` and `params` have sensible defaults."""
+    """One quantization method. Subclasses set `name` and `options`, and implement `validate`,
+    `method` and `run`; `prepare` and `params` have sensible defaults. The artifact kind written
+    is the format that owns the method's family (`self.method(opts).kind`)."""
 
     name: ClassVar[str]  # what `--method` says
-    kind: ClassVar[str]  # the artifact kind written (see sc2quant.core.names.KINDS)
     options: ClassVar[tuple[str, ...]]  # the QuantizeOptions fields this method reads
+
+    def applicable(self, opts: QuantizeOptions) -> tuple[str, ...]:
+        """The options that change what these options write (given others are refused as not applying)."""
+        return self.options
 
     def validate(self, opts: QuantizeOptions, config: dict[str, Any]) -> None:
         """Refuse impossible option values before anything is read or written."""
@@ -68,3 +73,11 @@ class Quantizer:
         """The method's settings as recorded in the manifest."""
         return {k: getattr(opts, k) for k in self.options if k not in ("bits", "calib", "calib_samples",
                                                                        "calib_seqlen", "seed")}
+
+
+def check_group_size(group_size: int, config: dict[str, Any]) -> None:
+    """A GPTQ-grid group size must divide every Linear's input features (or be -1: one group per row)."""
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    if group_size != -1 and (group_size <= 0 or hidden % group_size or intermediate % group_size):
+        raise UserError(f"group size {group_size} does not divide the input features ({hidden} and {intermediate}): "
+                        "use a divisor such as 32, 64 or 128, or -1 for one group per row")

@@ -7,7 +7,7 @@ decoder Linear goes through bitsandbytes' own `Linear4bit`/`Linear8bitLt` exactl
 transformers' integration builds them, so memory never holds the model. Quantizing while
 transformers loads would hold all of it (8.7 GB for the 3B shape). Nothing here runs a
 forward: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights on the first forward, and its
-inverse is lossy (`sc2quant.core.hf.assert_savable` refuses to save such a model).
+inverse is lossy (`sc2quant.formats.bnb.assert_savable` refuses to save such a model).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from transformers import AutoConfig
 
 from sc2quant.core.errors import UserError
-from sc2quant.core.hf import assert_savable
-from sc2quant.core.names import BNB_4BIT_TYPES, Method
 from sc2quant.core.source import ModelSource
+from sc2quant.formats import Method
+from sc2quant.formats.bnb import BNB_4BIT_TYPES, assert_savable
 from sc2quant.quant.base import QuantizeOptions, Quantizer
 from sc2quant.quant.stream import rewrite
 
@@ -50,8 +50,10 @@ def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: st
 
 class BnbQuantizer(Quantizer):
     name = "bnb"
-    kind = "bnb"
     options = ("bits", "quant_type", "double_quant", "compute_dtype")
+
+    def applicable(self, opts: QuantizeOptions) -> tuple[str, ...]:
+        return ("bits",) if opts.bits == 8 else self.options  # the 4-bit options mean nothing to LLM.int8
 
     def validate(self, opts: QuantizeOptions, config: dict[str, Any]) -> None:
         bnb_config(opts.bits, opts.quant_type, opts.double_quant, opts.compute_dtype)

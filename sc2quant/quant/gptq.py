@@ -16,25 +16,16 @@ from typing import Any
 
 from sc2quant.core.console import progress, status
 from sc2quant.core.errors import UserError
-from sc2quant.core.hf import contained_gptqmodel_import, load_tokenizer
-from sc2quant.core.names import Method
+from sc2quant.core.hf import load_tokenizer
 from sc2quant.core.source import ModelSource
 from sc2quant.core.system import peak_rss_self
-from sc2quant.quant.base import QuantizeOptions, Quantizer
-
-GPTQ_BITS = (2, 3, 4, 8)
-
-
-def check_group_size(group_size: int, config: dict[str, Any]) -> None:
-    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
-    if group_size != -1 and (group_size <= 0 or hidden % group_size or intermediate % group_size):
-        raise UserError(f"group size {group_size} does not divide the input features ({hidden} and {intermediate}): "
-                        "use a divisor such as 32, 64 or 128, or -1 for one group per row")
+from sc2quant.formats import Method
+from sc2quant.formats.gptq import GPTQ_BITS, gptqmodel_imported
+from sc2quant.quant.base import QuantizeOptions, Quantizer, check_group_size
 
 
 class GptqQuantizer(Quantizer):
     name = "gptq"
-    kind = "gptq"
     options = ("bits", "group_size", "act_order", "sym", "damp", "calib", "calib_samples", "calib_seqlen", "seed")
 
     def validate(self, opts: QuantizeOptions, config: dict[str, Any]) -> None:
@@ -63,11 +54,13 @@ class GptqQuantizer(Quantizer):
         from sc2quant.core.hf import read_config
 
         layers = int(read_config(source.path)["num_hidden_layers"])
-        with contained_gptqmodel_import():
+        with gptqmodel_imported():
             from gptqmodel import GPTQModel, QuantizeConfig
 
+            # GPTQModel's default group-aware activation ordering needs groups: off for one group per row
+            aware = {"act_group_aware": False} if opts.group_size == -1 else {}
             qcfg = QuantizeConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.act_order, sym=opts.sym,
-                                  damp_percent=opts.damp)
+                                  damp_percent=opts.damp, **aware)
             with status(f"loading {source.path.name} into GPTQModel"):
                 model = GPTQModel.load(str(source.path), qcfg, device=device, trust_remote_code=False)
             calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prepared]

@@ -15,10 +15,9 @@ import torch
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import read_config
-from sc2quant.core.names import Method
 from sc2quant.core.source import ModelSource
-from sc2quant.quant.base import QuantizeOptions, Quantizer
-from sc2quant.quant.gptq import check_group_size
+from sc2quant.formats import Method
+from sc2quant.quant.base import QuantizeOptions, Quantizer, check_group_size
 from sc2quant.quant.gptq_format import quantization_config, quantize_rtn_rows
 from sc2quant.quant.stream import rewrite
 
@@ -27,7 +26,6 @@ RTN_BITS = (2, 4, 8)  # GPTQ v1 packs these into int32 words evenly; 3 bits need
 
 class RtnQuantizer(Quantizer):
     name = "rtn"
-    kind = "gptq"
     options = ("bits", "group_size", "sym")
 
     def validate(self, opts: QuantizeOptions, config: dict[str, Any]) -> None:

@@ -60,7 +60,13 @@ class Backend(Protocol):
 
     def start(self, prepared: Any, done: Callable[[], None]) -> Stream: ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop generating and release the engine (the server is shutting down)."""
+        ...
+
+    def stop(self) -> None:
+        """Release at once, synchronously: the server is exiting, possibly before `close` could run."""
+        ...
 
 
 class Job:
@@ -135,6 +141,9 @@ class LocalBackend:
         return Job(prepared, self.executor, done, self.stopping)
 
     async def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self.stopping.set()  # every running generation stops at its next token
         self.executor.shutdown(wait=False, cancel_futures=True)
 

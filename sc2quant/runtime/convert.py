@@ -12,12 +12,17 @@ loaded: a load's peak is the larger of the two, not their sum (3B: 5.9 GB in one
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sc2quant.core import artifact
@@ -31,31 +36,142 @@ def cache_root() -> Path:
     return Path(base) / "converted"
 
 
-def converted_onnx(path: Path, manifest: artifact.Manifest) -> Path:
-    """The ONNX form of GPTQ artifact `path`, converting it on first use."""
-    from sc2quant import __version__
+def writable_cache_root() -> Path:
+    """`cache_root()`, created; when it cannot be written (a read-only $HOME) and SC2QUANT_CACHE was not
+    given, a private folder under the system's temporary directory, said once on stderr."""
     from sc2quant.core.console import console
 
-    key = hashlib.sha256(json.dumps([manifest.files, CONVERSION, __version__], sort_keys=True).encode()).hexdigest()
-    out = cache_root() / f"{path.name}-{key[:16]}"
-    if out.is_dir():
-        try:
-            artifact.verify(out)
-            return out
-        except IntegrityError:
-            shutil.rmtree(out)  # our own cache entry, damaged: build it again
-    console.print(f"converting {path.name} to ONNX Runtime's int4 kernels once (cached in {out})", highlight=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    root = cache_root()
+    problem = _unwritable(root)
+    if problem is None:
+        return root
+    if os.environ.get("SC2QUANT_CACHE"):
+        raise UserError(f"cannot write the conversion cache {root} ({problem}): set SC2QUANT_CACHE to a writable "
+                        "directory, or run with --engine torch")
+    fallback = Path(tempfile.gettempdir()) / f"sc2quant-{os.getuid()}" / "converted"
+    if _unwritable(fallback, private=True) is not None:
+        raise UserError(f"cannot write the conversion cache {root} ({problem}): set SC2QUANT_CACHE to a writable "
+                        "directory, or run with --engine torch")
+    console.print(f"the conversion cache {root} is not writable ({problem}): using {fallback} "
+                  "(set SC2QUANT_CACHE to keep conversions)", highlight=False, markup=False)
+    return fallback
+
+
+def _unwritable(root: Path, private: bool = False) -> str | None:
+    """Why `root` cannot hold cache entries (None: it can). private: created 0700, and refused unless
+    it is a real directory of this user (a shared temporary directory)."""
     try:
-        terminal = console.file.fileno()  # the terminal, also while fd 2 goes to a log file
-    except (AttributeError, OSError, ValueError):
-        terminal = None
-    done = subprocess.run([sys.executable, "-m", "sc2quant.runtime.convert", str(path), str(out)],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal)
-    if done.returncode != 0 or not out.is_dir():
-        raise UserError(f"converting {path.name} to ONNX failed (exit status {done.returncode}, reason above): "
-                        "run it with --engine torch, or export it yourself with `sc2quant export onnx`")
+        if private:
+            root.parent.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(root.parent)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+                return f"{root.parent} is not a private directory of this user"
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            return "permission denied"
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115 - closed at once
+        probe.close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _ready(out: Path) -> bool:
+    """Whether cache entry `out` is complete and verifies (a damaged one is removed: our own entry)."""
+    if not out.is_dir():
+        return False
+    try:
+        artifact.verify(out)
+        return True
+    except IntegrityError:
+        shutil.rmtree(out, ignore_errors=True)  # our own cache entry, damaged: build it again
+        return False
+
+
+@contextlib.contextmanager
+def _lock(lock: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (a file beside the cache entry), waiting for another process
+    converting the same artifact; released when the process ends, however it ends."""
+    from sc2quant.core.console import console
+
+    with open(lock, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another sc2quant process converting {name} to ONNX", highlight=False,
+                          markup=False)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def converted_onnx(path: Path, manifest: artifact.Manifest) -> Path:
+    """The ONNX form of GPTQ artifact `path`, converting it on first use.
+
+    Safe under concurrent first use: the conversion runs under a lock file beside the cache entry;
+    other processes wait for it and use its result."""
+    from sc2quant.core.console import console
+    from sc2quant.core.version import __version__
+
+    key = hashlib.sha256(json.dumps([manifest.files, CONVERSION, __version__], sort_keys=True).encode()).hexdigest()
+    root = cache_root()
+    out = root / f"{path.name}-{key[:16]}"
+    if _ready(out):
+        return out
+    root = writable_cache_root()
+    out = root / f"{path.name}-{key[:16]}"
+    locks = root.parent / "locks"  # beside the cache, not in it: the cache holds only entries
+    try:
+        locks.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {locks} ({exc.strerror}): set SC2QUANT_CACHE to a writable directory") from exc
+    with _lock(locks / f"{out.name}.lock", path.name):
+        if _ready(out):  # converted by the process we waited for
+            return out
+        console.print(f"converting {path.name} to ONNX Runtime's int4 kernels once (cached in {out})", highlight=False)
+        try:
+            terminal = console.file.fileno()  # the terminal, also while fd 2 goes to a log file
+        except (AttributeError, OSError, ValueError):
+            terminal = None
+        child = subprocess.Popen([sys.executable, "-m", "sc2quant.runtime.convert", str(path), str(out), str(os.getpid())],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal)
+        try:
+            returncode = child.wait()
+        except BaseException:  # Ctrl-C, SIGTERM turned into an exception, a server stopping: the child goes too
+            _end(child)
+            raise
+        if returncode != 0 or not out.is_dir():
+            raise UserError(f"converting {path.name} to ONNX failed (exit status {returncode}, reason above): "
+                            "run it with --engine torch, or export it yourself with `sc2quant export onnx`")
     return out
+
+
+def _end(child: subprocess.Popen) -> None:
+    """Terminate the conversion child (it removes its staging directory on SIGTERM), then kill it."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this child SIGTERM when the process that started it dies (SIGKILL,
+    or SIGTERM's default action, which runs no Python code), so no conversion outlives its user."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     from sc2quant.core.console import console, library_output
     from sc2quant.export import export_onnx
 
-    src, out = argv or sys.argv[1:]
+    args = argv or sys.argv[1:]
+    src, out = args[:2]
+    if len(args) > 2:
+        _die_with_parent(int(args[2]))
     try:
         with library_output("convert"):
             export_onnx(Path(src), Path(out), **CONVERSION)
     except UserError as exc:
         console.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+    except KeyboardInterrupt:  # SIGTERM (the parent ended) or Ctrl-C: staging removed what was written
+        return 130
     return 0
 
 

@@ -18,12 +18,21 @@ from typing import Any
 import torch
 
 from sc2quant.core import artifact
+from sc2quant.core.console import api_output
 from sc2quant.core.errors import UserError
 from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
+from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, Extendable, PrefixCache, prefill
 
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 16  # OpenAI's API takes 4; more is allowed here, never an unbounded list
+MAX_STOP_CHARS = 1000  # per stop string
+# Sampling divides the logits by the temperature: at 1e-3 a logit would have to exceed 3.4e35 to
+# overflow fp32/bf16 (real logits stay below 1e4); below it, 1e-39 made every logit inf and the sampler NaN.
+MIN_TEMPERATURE = 1e-3
+# top_p is compared with fp32/bf16 probabilities: 1e-46 rounds to 0 there and kept no token at all.
+MIN_TOP_P = 1e-6
 
 
 @dataclass
@@ -37,14 +46,23 @@ class Sampling:
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise UserError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 10):
-            raise UserError(f"temperature must be between 0 and 10, got {self.temperature}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 10)):
+            raise UserError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 10, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and MIN_TOP_P <= self.top_p <= 1):
+            raise UserError(f"top_p must be between {MIN_TOP_P:g} and 1, got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        self.validate_stop()
+
+    def validate_stop(self) -> None:
         if any(not isinstance(s, str) for s in self.stop):
             raise UserError("stop sequences must be strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise UserError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(self.stop)}: drop some")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise UserError(f"a stop sequence may be at most {MAX_STOP_CHARS:,} characters, got one of {longest:,}: "
+                            "shorten it")
 
     def resolved_seed(self) -> int:
         """The seed this generation uses: the given one, else 0 for greedy, else a fresh random one."""
@@ -63,23 +81,31 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     seed: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
+@api_output("load")
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
          dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
-         static_cache: bool | None = None) -> Model:
+         static_cache: bool | None = None, prefix_cache_bytes: int = DEFAULT_CACHE_BYTES,
+         prefill_chunk: int = DEFAULT_CHUNK) -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
 
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
     ("auto": the compute policy of `sc2quant.core.hf`). profile_dir: ONNX Runtime's operator profile.
-    engine: "auto" (the fastest for the artifact and device: a GPTQ artifact on the CPU runs in
-    ONNX Runtime, converted once; with verify=False it runs in torch), "torch" or "onnx".
+    engine: "auto" (the fastest engine the artifact's format can run it in on this device: a GPTQ
+    artifact on the CPU runs in ONNX Runtime, converted once, unless it is of a kind ONNX Runtime
+    cannot take or verify=False, and then in torch, said once on stderr), "torch" or "onnx".
     static_cache: the torch engine's static KV cache and captured decode graphs (None: on CUDA
-    only; see runtime/engines/torch_engine.py).
+    only; see runtime/engines/torch_engine.py). prefix_cache_bytes: KV kept between requests for
+    prompt reuse (0: none), prefill_chunk: tokens per prefill call, on engines that extend a cached
+    sequence (ONNX; see runtime/prefix.py).
     """
-    from sc2quant.core.hf import COMPUTE_DTYPES, resolve_device
+    from sc2quant.core.console import console
+    from sc2quant.core.hf import COMPUTE_DTYPES, read_config, resolve_device
     from sc2quant.core.source import resolve_source
     from sc2quant.core.system import set_threads
+    from sc2quant.formats import format_of_config, get_format
     from sc2quant.runtime.engines import choose_engine
 
     if dtype not in COMPUTE_DTYPES:
@@ -88,16 +114,23 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     manifest = None
     if artifact.is_artifact(source.path):
         manifest = artifact.verify(source.path) if verify else artifact.read_manifest(source.path)
-    kind = manifest.kind if manifest else "hf"
-    run_path = source.path
-    if choose_engine(kind, resolve_device(device), engine, verified=verify) == "onnx" and kind == "gptq" and manifest:
+    config = read_config(source.path)
+    fmt = get_format(manifest.kind) if manifest else format_of_config(config)
+    fmt.check(config, source.path.name)
+    notes: list[str] = []
+    chosen = choose_engine(fmt.kind, resolve_device(device), engine, source.path, config,
+                           verified=verify and manifest is not None, notes=notes, dtype=dtype)
+    for note in notes:  # the fastest engine could not take it: said once, on stderr
+        console.print(f"{source.path.name}: {note}", highlight=False, markup=False)
+    run_path, kind = source.path, fmt.kind
+    if chosen in fmt.converted_for and manifest is not None:
         from sc2quant.runtime.convert import converted_onnx
 
         run_path, kind = converted_onnx(source.path, manifest), "onnx"
     set_threads(threads)
-    opened = open_engine(kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
-                                                       profile_dir=profile_dir, static_cache=static_cache))
-    return Model(opened, source.path, manifest)
+    opened = open_engine(chosen, kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
+                                                               profile_dir=profile_dir, static_cache=static_cache))
+    return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -118,8 +151,16 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 class Model:
     """A loaded model: `stream_generate` (and `generate`, `stream`, `infill`, `logits`) over any engine."""
 
-    def __init__(self, engine: Engine, path: Path, manifest: artifact.Manifest | None = None) -> None:
+    def __init__(self, engine: Engine, path: Path, manifest: artifact.Manifest | None = None,
+                 prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK) -> None:
+        if prefill_chunk < 1 or prefix_cache_bytes < 0:
+            raise UserError(f"prefill_chunk must be at least 1 and prefix_cache_bytes at least 0, got {prefill_chunk} "
+                            f"and {prefix_cache_bytes}")
         self.engine = engine
+        # prompt reuse and chunked prefill where the engine can extend a cached sequence (runtime/prefix.py)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if isinstance(engine, Extendable) and prefix_cache_bytes \
+            else None
+        self.prefill_chunk = prefill_chunk
         self.path = path
         self.manifest = manifest
         self.tokenizer = engine.tokenizer
@@ -190,20 +231,39 @@ class Model:
         gen = torch.Generator().manual_seed(seed)
         budget = min(s.max_new_tokens, self.context - max(len(p) for p in prompts))
         rows = [_Row(len(p), s.stop) for p in prompts]
-        state, logits = self.engine.start(prompts)
-        for _ in range(budget):
-            tokens = self._sample(logits, s, gen)
-            for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+        kv_ids, cached = None, 0  # one prompt on an Extendable engine: the token ids its KV holds
+        if len(prompts) == 1 and isinstance(self.engine, Extendable):
+            for state, logits, cached in prefill(self.engine, prompts[0], self.prefix_cache, self.prefill_chunk):  # noqa: B007
+                if logits is None:  # between prefill chunks: a place to stop a cancelled stream
+                    yield Chunk(0, "", None, rows[0].prompt_tokens, 0, seed, cached)
+            kv_ids = list(prompts[0])
+        else:
+            state, logits = self.engine.start(prompts)
+        completed = False
+        try:
+            for _ in range(budget):
+                tokens = self._sample(logits, s, gen)
+                for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+                    if row.finish is None:
+                        piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
+                        if piece or row.finish:
+                            yield Chunk(i, piece, row.finish, row.prompt_tokens, len(row.ids), seed, cached)
+                if all(r.finish for r in rows):
+                    completed = True
+                    return
+                logits = self.engine.step(state, tokens)
+                if kv_ids is not None:
+                    kv_ids.append(int(tokens[0]))
+            for i, row in enumerate(rows):
                 if row.finish is None:
-                    piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
-                    if piece or row.finish:
-                        yield Chunk(i, piece, row.finish, row.prompt_tokens, len(row.ids), seed)
-            if all(r.finish for r in rows):
-                return
-            logits = self.engine.step(state, tokens)
-        for i, row in enumerate(rows):
-            if row.finish is None:
-                yield Chunk(i, row.flush(self.tokenizer), "length", row.prompt_tokens, len(row.ids), seed)
+                    yield Chunk(i, row.flush(self.tokenizer), "length", row.prompt_tokens, len(row.ids), seed, cached)
+            completed = True
+        except GeneratorExit:  # the caller stopped reading (a cancelled stream): the state is whole
+            completed = True
+            raise
+        finally:
+            if completed and kv_ids is not None and self.prefix_cache is not None:
+                self.prefix_cache.put(kv_ids, state, self.engine.state_bytes(state))
 
     @staticmethod
     def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
@@ -212,7 +272,8 @@ class Model:
         probs = torch.softmax(logits / s.temperature, dim=-1)
         if s.top_p < 1:
             sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # always keeps the top token
+            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+            keep[..., 0] = True  # the top token, whatever top_p rounds to in the logits' dtype
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).view(-1)
@@ -221,31 +282,90 @@ class Model:
 class StopFilter:
     """What of a growing completion may be shown yet: text is released only once it cannot be
     the start of a stop string nor an incomplete UTF-8 sequence, so a stream never shows what
-    the final text will not contain (and equals the non-streamed text piece by piece)."""
+    the final text will not contain (and equals the non-streamed text piece by piece).
+
+    Incremental: each call reads only the characters decoded since the previous one, through one
+    Knuth-Morris-Pratt matcher per stop string, so a token costs O(new characters x stop strings)
+    whatever the stop strings' lengths (building the matchers once costs their total length)."""
 
     def __init__(self, stop: Sequence[str]) -> None:
         self.stop = tuple(x for x in stop if x)
-        self.sent = 0
+        self.matchers = [_StopMatcher(x) for x in self.stop]
+        self.sent = 0  # characters released
+        self.scanned = 0  # characters of the completion the matchers have read
         self.stopped = False
 
     def feed(self, text: str) -> str:
         """The new piece to show, given the whole completion so far."""
-        cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._send(text[:cut])
+        if self.stopped:
+            return ""
         safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence is not text yet
-        hold = max((n for x in self.stop for n in range(1, len(x)) if safe.endswith(x[:n])), default=0)
+        cut = self._scan(safe)
+        if cut is not None:
+            self.stopped = True
+            return self._send(safe[:cut])
+        hold = max((m.state for m in self.matchers), default=0)  # the longest tail that may start a stop string
         return self._send(safe[: len(safe) - hold])
 
     def flush(self, text: str) -> str:
         """The completion ended: everything not yet shown (a held-back partial stop string too)."""
         return self._send(text.rstrip("\ufffd"))
 
+    def _scan(self, safe: str) -> int | None:
+        """Read the characters not read yet; where the earliest stop string they complete starts, or None."""
+        if len(safe) < self.scanned:  # the decoded text got shorter (never with byte-level BPE): read it again
+            self.scanned = 0
+            for m in self.matchers:
+                m.state = 0
+        cut: int | None = None
+        for i in range(self.scanned, len(safe)):
+            for m in self.matchers:
+                if m.step(safe[i]):
+                    start = i + 1 - len(m.stop)
+                    cut = start if cut is None else min(cut, start)
+        self.scanned = len(safe)
+        return cut
+
     def _send(self, text: str) -> str:
         piece = text[self.sent:]
         self.sent = max(self.sent, len(text))
         return piece
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt over one stop string: `state` is the length of the longest tail of the
+    text read so far that is a prefix of the stop string (amortised O(1) per character read)."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.fail = _prefix_function(stop)
+        self.state = 0
+
+    def step(self, char: str) -> bool:
+        """Read one character; True when it completes the stop string."""
+        k = self.state
+        while k and self.stop[k] != char:
+            k = self.fail[k - 1]
+        if self.stop[k] == char:
+            k += 1
+        if k == len(self.stop):
+            self.state = self.fail[k - 1]
+            return True
+        self.state = k
+        return False
+
+
+def _prefix_function(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class _Row:

@@ -9,6 +9,11 @@ public API (`load`, `Model.stream_generate`), or a vLLM process. What one client
   whatever their framing and must arrive within a timeout, headers too (`http_guard`);
 - crash it: every client error is a 4xx JSON error raised before a stream starts; a 500 is a bug.
 An API key (`--api-key` or SC2QUANT_API_KEY) is checked on every route but /health.
+
+While the model loads on a thread, the app answers through `Loading` (/health and completions
+503 until it is ready). When the server stops (`Drain`), new and queued requests get a 503 JSON
+error, generating ones `graceful_timeout` seconds to finish, then a 503 (or, streaming, an error
+event and `[DONE]`). The process around the app (signals, bind, load, stop) is `sc2quant.runtime.launch`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.core.errors import UserError
+from sc2quant.core.tokens import fim_prompt
+from sc2quant.runtime import Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable
+from sc2quant.runtime.infill import InfillRequest, InfillTimer
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 2048
@@ -48,12 +57,15 @@ class Limits:
     header_timeout: float = 10.0  # seconds for a request line and headers
     body_timeout: float = 10.0  # seconds between two pieces of a request body
     graceful_timeout: float = 3.0  # seconds in-flight requests get when the server stops
+    prompt_cache_bytes: int = 1 << 30  # KV kept between requests for prompt reuse (sc2quant's ONNX engine)
 
     def check(self) -> None:
         if self.concurrency < 1 or self.max_queue < 0 or self.max_connections < 2:
             raise UserError("--concurrency must be at least 1, --max-queue at least 0 and --max-connections at least 2")
         if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
             raise UserError("--read-timeout must be between 0 and 3600 seconds")
+        if self.prompt_cache_bytes < 0:
+            raise UserError("--prompt-cache-mb must be 0 (no prompt reuse) or more")
 
     def describe(self) -> str:
         return (f"{self.concurrency} generating, {self.max_queue} queued, {self.max_connections} connections, "
@@ -96,6 +108,114 @@ class Gate:
             self.admitted -= 1
 
 
+class Loading:
+    """The backend while it loads on a thread (`run`), then the backend itself: until it is ready,
+    /health answers 503 {"status": "loading"} and completions 503; if loading fails, `error` holds why."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self.error: BaseException | None = None
+
+    def run(self, open_backend: Callable[[], Backend], ready: Callable[[Loading], None]) -> None:
+        """Open the backend (on a thread), then call `ready` (also when it failed: `error` is set)."""
+        try:
+            self.backend = open_backend()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+            self.error = exc
+        ready(self)
+
+    @property
+    def kind(self) -> str | None:
+        return self.backend.kind if self.backend else None
+
+    def describe(self) -> str:
+        return self.backend.describe() if self.backend else "loading"
+
+    def health(self) -> dict[str, Any]:
+        if self.backend is not None:
+            return self.backend.health()
+        if self.error is not None:
+            return {"status": "error", "reason": f"the model failed to load: {self.error}"}
+        return {"status": "loading", "reason": "the model is loading"}
+
+    async def prepare(self, request: Request) -> Any:
+        if self.backend is None:
+            raise Unavailable("the model is still loading: retry when /health answers 200")
+        return await self.backend.prepare(request)
+
+    def start(self, prepared: Any, done: Callable[[], None]) -> Stream:
+        assert self.backend is not None  # prepare succeeded
+        return self.backend.start(prepared, done)
+
+    async def close(self) -> None:
+        if self.backend is not None:
+            await self.backend.close()
+
+    def stop(self) -> None:
+        if self.backend is not None:
+            self.backend.stop()
+
+
+class Stopping(Exception):
+    """The server is stopping before this request's completion: answered 503 (or an error event)."""
+
+
+class Drain:
+    """The server stopping (`begin`, on the event loop): new requests and queued ones are refused at
+    once, generating ones get `grace` seconds to finish (`cutoff`)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.stopping = asyncio.Event()
+        self.deadline = 0.0  # the event loop's clock
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the server starts
+
+    def begin(self) -> None:
+        if not self.stopping.is_set():
+            self.deadline = asyncio.get_running_loop().time() + self.grace
+            self.stopping.set()
+
+    def begin_threadsafe(self) -> None:
+        """From a signal handler or another thread; before the server runs there is nothing to drain."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.begin)
+
+    async def cutoff(self, job: Stream) -> None:
+        """Return when `job` must stop: at once if it is still queued, at the deadline if it is generating."""
+        await self.stopping.wait()
+        if not _queued(job):
+            await asyncio.sleep(max(0.0, self.deadline - asyncio.get_running_loop().time()))
+
+
+def _queued(job: Stream) -> bool:
+    """A local job whose generation has not started (vLLM queues on its side: never "queued" here)."""
+    future = getattr(job, "future", None)
+    return isinstance(future, Future) and not (future.running() or future.done())
+
+
+async def _until_cut(job: Stream, drain: Drain) -> AsyncIterator[Chunk]:
+    """The job's chunks, until it ends or the server's stop cuts it (then `Stopping`)."""
+    chunks = job.__aiter__()
+    while True:
+        following = asyncio.ensure_future(chunks.__anext__())
+        cut = asyncio.ensure_future(drain.cutoff(job))
+        try:
+            await asyncio.wait({following, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            cut_off = not following.done()
+            if cut_off:
+                following.cancel()
+                job.cancel()
+        if cut_off:
+            raise Stopping("the server is stopping: this completion was not finished; retry on a running server")
+        try:
+            chunk = following.result()
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
 class JobStream(StreamingResponse):
     """Server-sent events of a generation; whatever ends the response (done, client gone, server
     stopping) cancels the generation."""
@@ -115,12 +235,14 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
-def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> FastAPI:
+def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Limits(), drain: Drain | None = None) -> FastAPI:
     gate = Gate(limits.concurrency + limits.max_queue)
     started = int(time.time())
+    drain = drain or Drain(limits.graceful_timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        drain.loop = asyncio.get_running_loop()
         yield
         await backend.close()
 
@@ -145,7 +267,7 @@ def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        state = backend.health()
+        state = {"status": "stopping", "reason": "the server is stopping"} if drain.stopping.is_set() else backend.health()
         body = {**state, "model": model_name, "kind": backend.kind, "queued": gate.admitted}
         return JSONResponse(body, status_code=200 if state["status"] == "ok" else 503)
 
@@ -156,6 +278,8 @@ def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> 
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: HttpRequest) -> Any:
+        if drain.stopping.is_set():
+            return _stopping_error()
         if req.model not in (None, model_name):
             return error(404, f"model '{req.model}' is not served here; this server serves '{model_name}'",
                          code="model_not_found")
@@ -166,6 +290,44 @@ def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> 
             return error(400, "streaming supports one prompt per request")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         request_ = Request(prompts, req.max_tokens, req.temperature, req.top_p, stop, req.seed, req.suffix)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def stream(job: Stream) -> JobStream:
+            return JobStream(job, _events(_until_cut(job, drain), cid, created, model_name, prompts[0] if req.echo else ""))
+
+        def answer(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+                     "completion_tokens": sum(r["completion_tokens"] for r in rows)}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage["prompt_tokens_details"] = {"cached_tokens": sum(r["cached_tokens"] for r in rows)}  # as OpenAI's
+            choices = [{"text": (p if req.echo else "") + r["text"], "index": i, "logprobs": None,
+                        "finish_reason": r["finish_reason"]} for i, (p, r) in enumerate(zip(prompts, rows))]
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage, "seed": rows[0]["seed"]}
+
+        return await run(request_, request, stream if req.stream else None, answer)
+
+    @app.post("/infill")
+    async def infill_route(req: InfillRequest, request: HttpRequest) -> Any:
+        """llama.cpp server's /infill, for editor plugins written for llama-server (llama.vscode, llama.vim)."""
+        if drain.stopping.is_set():
+            return _stopping_error()
+        files = tuple((f.filename, f.text) for f in req.input_extra)
+        text = fim_prompt(req.input_prefix + req.prompt, req.input_suffix, files)
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        n_predict = MAX_TOKENS_LIMIT if req.n_predict < 0 else max(1, req.n_predict)  # 0: fill the cache only
+        request_ = Request([text], n_predict, req.temperature, req.top_p, stop, req.seed, None)
+        timer = InfillTimer(req.t_max_predict_ms, keep=req.n_predict != 0)
+        if req.stream:
+            return await run(request_, request, lambda job: JobStream(job, timer.events(_until_cut(job, drain), job)),
+                             timer.answer)
+        return await run(request_, request, None, timer.answer, lambda job: timer.limit(_until_cut(job, drain), job))
+
+    async def run(request_: Request, request: HttpRequest, stream: Callable[[Stream], Any] | None,
+                  answer: Callable[[list[dict[str, Any]]], Any],
+                  chunks: Callable[[Stream], AsyncIterator[Chunk]] | None = None) -> Any:
+        """One request on the backend: checked, admitted (or 429), streamed or collected, cancelled when the
+        client goes, cut when the server stops; both routes share it."""
         try:  # every check (sampling, UTF-8, empty or too long prompts) happens here, before any output
             prepared = await backend.prepare(request_)
         except UserError as exc:
@@ -175,12 +337,13 @@ def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> 
         if not gate.admit():
             return error(429, "too many requests in flight; retry later", kind="rate_limit_error", code="queue_full")
         job = backend.start(prepared, gate.leave)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            return JobStream(job, _events(job, cid, created, model_name, prompts[0] if req.echo else ""))
+        if stream is not None:
+            return stream(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
-            rows = await _collect(job, len(prompts))
+            rows = await _collect(chunks(job) if chunks else _until_cut(job, drain), len(request_.prompts))
+        except Stopping:
+            return _stopping_error()
         except UserError as exc:
             return error(400, str(exc))
         except Unavailable as exc:
@@ -188,15 +351,13 @@ def create_app(backend: Backend, model_name: str, limits: Limits = Limits()) -> 
         finally:
             watcher.cancel()
             job.cancel()
-        usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-                 "completion_tokens": sum(r["completion_tokens"] for r in rows)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choices = [{"text": (p if req.echo else "") + r["text"], "index": i, "logprobs": None,
-                    "finish_reason": r["finish_reason"]} for i, (p, r) in enumerate(zip(prompts, rows))]
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage, "seed": rows[0]["seed"]}
+        return answer(rows)
 
     return app
+
+
+def _stopping_error() -> JSONResponse:
+    return error(503, "the server is stopping: retry on a running server", kind="server_error", code="server_stopping")
 
 
 async def _cancel_on_disconnect(request: HttpRequest, job: Stream) -> None:
@@ -205,19 +366,19 @@ async def _cancel_on_disconnect(request: HttpRequest, job: Stream) -> None:
     job.cancel()
 
 
-async def _collect(job: Stream, n: int) -> list[dict[str, Any]]:
-    rows = [{"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None}
-            for _ in range(n)]
+async def _collect(job: AsyncIterator[Chunk], n: int) -> list[dict[str, Any]]:
+    rows = [{"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None,
+             "cached_tokens": 0} for _ in range(n)]
     async for c in job:
         row = rows[c.row]
         row["text"] += c.text
         row.update(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                   seed=c.seed)
+                   seed=c.seed, cached_tokens=c.cached_tokens)
     return rows
 
 
-async def _events(job: Stream, cid: str, created: int, name: str, echo: str) -> AsyncIterator[str]:
-    """Server-sent events, one per decoded piece, then `[DONE]` (OpenAI's stream format)."""
+async def _events(job: AsyncIterator[Chunk], cid: str, created: int, name: str, echo: str) -> AsyncIterator[str]:
+    """Server-sent events, one per decoded piece, then `[DONE]` (OpenAI's stream format), whatever ends it."""
 
     def event(text: str, finish: str | None, seed: int | None) -> str:
         chunk = {"id": cid, "object": "text_completion", "created": created, "model": name, "seed": seed,
@@ -230,57 +391,8 @@ async def _events(job: Stream, cid: str, created: int, name: str, echo: str) -> 
         async for c in job:
             if c.text or c.finish_reason:
                 yield event(c.text, c.finish_reason, c.seed)
-    except (UserError, Unavailable) as exc:  # raised after the stream started: tell the client in the stream
-        kind = "server_error" if isinstance(exc, Unavailable) else "invalid_request_error"
-        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n"
+    except (UserError, Unavailable, Stopping) as exc:  # raised after the stream started: tell the client in the stream
+        kind = "invalid_request_error" if isinstance(exc, UserError) else "server_error"
+        code = "server_stopping" if isinstance(exc, Stopping) else None
+        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'code': code}})}\n\n"
     yield "data: [DONE]\n\n"
-
-
-def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          limits: Limits = Limits(), verify: bool = True, api_key: str | None = None, allow_no_api_key: bool = False,
-          threads: int | None = None, dtype: str = "auto", engine: str = "auto", vllm: dict[str, Any] | None = None) -> None:
-    """Check the address and the key, bind, start the backend, print one startup line, serve until SIGTERM/SIGINT.
-
-    engine: "auto", "torch" or "onnx" (sc2quant's runtime), or "vllm" (a vLLM process doing the
-    generation, see `sc2quant.runtime.vllm`; `vllm` holds its options)."""
-    import uvicorn
-
-    from sc2quant.core.console import console
-    from sc2quant.core.source import resolve_source
-    from sc2quant.embedded import EMBEDDED_MODEL_DIR
-    from sc2quant.runtime.http_guard import ApiKeyGuard, BodyGuard, GuardedH11Protocol, bind, is_loopback
-
-    limits.check()
-    if api_key is not None and not api_key.strip():
-        raise UserError("the API key is empty: give a non-empty --api-key (or SC2QUANT_API_KEY)")
-    if not is_loopback(host) and api_key is None and not allow_no_api_key:
-        raise UserError(f"--host {host} exposes the model to the network without an API key: add --api-key "
-                        "(or SC2QUANT_API_KEY), or --allow-no-api-key if that is really what you want")
-    source = resolve_source(model_path)
-    name = "sc2quant-embedded" if source.path.resolve() == EMBEDDED_MODEL_DIR.resolve() else source.path.name
-    sock = bind(host, port)
-    backend: Backend | None = None
-    try:
-        if engine == "vllm":
-            from sc2quant.runtime.vllm import VllmBackend
-
-            backend = VllmBackend.start_process(source.path, name, verify=verify, **(vllm or {}))
-        else:
-            from sc2quant.runtime import load
-            from sc2quant.runtime.backends import LocalBackend
-
-            model = load(source.path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine)
-            backend = LocalBackend(model, limits.concurrency)
-        GuardedH11Protocol.header_timeout = limits.header_timeout
-        app = ApiKeyGuard(BodyGuard(create_app(backend, name, limits), limits.body_bytes, limits.body_timeout), api_key)
-        shown = f"[{host}]" if ":" in host else host
-        console.print(f"serving {name} ({backend.describe()}) at http://{shown}:{port}/v1 - {limits.describe()}; "
-                      f"auth {'on' if api_key else 'off'}", highlight=False, soft_wrap=True)
-        config = uvicorn.Config(app, http=GuardedH11Protocol, log_level="warning", lifespan="on",
-                                limit_concurrency=limits.max_connections,
-                                timeout_graceful_shutdown=int(limits.graceful_timeout) or 1)
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-        if backend is not None and hasattr(backend, "stop_process"):
-            backend.stop_process()

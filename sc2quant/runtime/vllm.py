@@ -32,17 +32,14 @@ from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_tokenizer, read_config
 from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
+from sc2quant.formats import format_of_config, get_format
 from sc2quant.runtime import Chunk, Sampling, StopFilter, encode_prompt
 from sc2quant.runtime.backends import Request, Unavailable
 
 PYTHON_ENV = "SC2QUANT_VLLM_PYTHON"
+PF_EXITING = 0x4  # linux/sched.h: the task is inside exit()
 STARTUP_TIMEOUT = 600.0  # seconds: vLLM loads and warms up (15-30 s for the embedded model on 2 CPU cores)
-REFUSED = {
-    "bnb": "vLLM has no bitsandbytes method: serve this artifact with sc2quant's own engine (drop --engine vllm), "
-           "or quantize with --method gptq for vLLM",
-    "onnx": "vLLM does not run ONNX exports: serve the model it was exported from with --engine vllm, or this "
-            "export with sc2quant's own engine (drop --engine vllm)",
-}
+VLLM_DTYPES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # sc2quant's --dtype
 
 
 def default_python() -> Path | None:
@@ -52,6 +49,18 @@ def default_python() -> Path | None:
     repo = Path(__file__).resolve().parents[2]
     candidate = repo / ".venv-vllm" / "bin" / "python"
     return candidate if candidate.is_file() else None
+
+
+def _exiting(pid: int) -> bool:
+    """Linux: the process is gone or inside exit(), PF_EXITING in /proc/PID/stat's flags (field 9)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # no procfs here: `poll()` alone decides
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & PF_EXITING)
 
 
 def _free_port() -> int:
@@ -78,16 +87,20 @@ class VllmBackend:
 
     @classmethod
     def start_process(cls, path: Path, served: str, verify: bool = True, python: str | None = None,
-                      tensor_parallel_size: int = 1, dtype: str = "bfloat16", max_model_len: int | None = None,
+                      tensor_parallel_size: int = 1, dtype: str = "auto", max_model_len: int | None = None,
                       extra_args: list[str] | None = None) -> VllmBackend:
         """Refuse what vLLM cannot run, start it, wait until it answers /health (or fail clearly)."""
         from sc2quant.core.console import current_log, status
 
-        kind = "hf"
+        config = read_config(path)
         if artifact.is_artifact(path):
-            kind = (artifact.verify(path) if verify else artifact.read_manifest(path)).kind
-        if kind in REFUSED:
-            raise UserError(REFUSED[kind])
+            fmt = get_format((artifact.verify(path) if verify else artifact.read_manifest(path)).kind)
+        else:
+            fmt = format_of_config(config)
+        if fmt.vllm_refusal:
+            raise UserError(fmt.vllm_refusal)
+        if dtype not in VLLM_DTYPES:
+            raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(VLLM_DTYPES)}")
         if tensor_parallel_size < 1:
             raise UserError(f"--tensor-parallel-size {tensor_parallel_size} is not a GPU count: use 1 or more")
         interpreter = Path(python) if python else default_python()
@@ -99,11 +112,10 @@ class VllmBackend:
                                  capture_output=True, text=True, timeout=60)
         if version.returncode != 0:
             raise UserError(f"{interpreter} has no vLLM: run `make install-vllm` or pass another --vllm-python")
-        config = read_config(path)
         port = _free_port()
         log = current_log() or Path(tempfile.mkstemp(prefix="sc2quant-vllm-", suffix=".log")[1])
         args = [str(interpreter), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-                "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+                "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port), "--dtype", VLLM_DTYPES[dtype],
                 "--tensor-parallel-size", str(tensor_parallel_size),
                 "--max-model-len", str(max_model_len or config.get("max_position_embeddings", 2048)),
                 *(extra_args or [])]
@@ -111,7 +123,7 @@ class VllmBackend:
         with open(log, "ab") as sink:
             process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                        start_new_session=True)  # its own group: it and its workers stop together
-        backend = cls(process, f"http://127.0.0.1:{port}", served, path, kind, log, version.stdout.strip(),
+        backend = cls(process, f"http://127.0.0.1:{port}", served, path, fmt.kind, log, version.stdout.strip(),
                       tensor_parallel_size)
         with status(f"starting vLLM {backend.version} on {path.name}"):
             backend.wait_ready()
@@ -129,7 +141,7 @@ class VllmBackend:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        self.stop_process()
+        self.stop()
         raise UserError(f"vLLM did not become ready in {STARTUP_TIMEOUT:.0f} s: see {self.log}")
 
     def _log_tail(self) -> str:
@@ -140,7 +152,7 @@ class VllmBackend:
         errors = [ln for ln in lines if "Error" in ln or "error" in ln]
         return (errors or lines or ["no output"])[-1].strip()[:300]
 
-    def stop_process(self) -> None:
+    def stop(self) -> None:
         """SIGTERM to vLLM's process group, SIGKILL after 10 s."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -158,8 +170,13 @@ class VllmBackend:
         return f"{self.kind}, vLLM {self.version}, tensor parallel {self.tensor_parallel}, log {self.log}"
 
     def health(self) -> dict[str, Any]:
-        if self.process.poll() is not None:
-            self.failed = f"the vLLM process exited with status {self.process.returncode}: restart the server"
+        """Checked live on every call: the process exited (reaped), or it is dying (a killed process
+        with gigabytes mapped takes seconds to become a zombie, and `poll()` says nothing until then)."""
+        if self.failed is None:
+            if self.process.poll() is not None:
+                self.failed = f"the vLLM process exited with status {self.process.returncode}: restart the server"
+            elif _exiting(self.process.pid):
+                self.failed = "the vLLM process exited (it was killed and is shutting down): restart the server"
         if self.failed:
             return {"status": "error", "reason": self.failed, "engine": "vllm"}
         return {"status": "ok", "engine": "vllm", "vllm_pid": self.process.pid}
@@ -189,7 +206,7 @@ class VllmBackend:
 
     async def close(self) -> None:
         await self.client.aclose()
-        await asyncio.to_thread(self.stop_process)
+        await asyncio.to_thread(self.stop)
 
 
 class VllmStream:
@@ -255,4 +272,4 @@ class VllmStream:
             yield item
 
 
-__all__ = ["REFUSED", "VllmBackend", "default_python"]
+__all__ = ["VLLM_DTYPES", "VllmBackend", "default_python"]

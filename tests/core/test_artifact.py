@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,53 @@ def test_malformed_files_table_is_refused(tmp_path, files):
     (out / "sc2quant.json").write_text(json.dumps(data))
     with pytest.raises(IntegrityError, match="malformed 'files'"):
         artifact.read_manifest(out)
+
+
+@pytest.mark.parametrize("name,add", [
+    ("notes.txt", lambda d: (d / "notes.txt").write_text("my notes")),
+    ("mydata/", lambda d: (d / "mydata").mkdir()),
+    ("mydata/a.csv", lambda d: ((d / "mydata").mkdir(), (d / "mydata" / "a.csv").write_text("1,2"))),
+    ("config.json (changed)", lambda d: (d / "config.json").write_text('{"edited": true}')),
+    ("model.safetensors (missing)", lambda d: (d / "model.safetensors").unlink()),
+    ("link", lambda d: (d / "link").symlink_to(d.parent / "elsewhere")),
+])
+def test_force_never_replaces_an_output_the_user_added_to_or_changed(workdir, name, add):
+    out = _make(workdir, "art")
+    (workdir / "elsewhere").mkdir()
+    add(out)
+    before = {p.relative_to(out).as_posix(): (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    with pytest.raises(UserError, match=r"--force will not replace .*" + re.escape(name) + ".*move those files out"):
+        _make(workdir, "art", force=True)
+    after = {p.relative_to(out).as_posix(): (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    assert after == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["art", "elsewhere"]  # no temporary directory left
+
+
+def test_force_names_the_first_few_foreign_files(workdir):
+    out = _make(workdir, "art")
+    for i in range(5):
+        (out / f"mine{i}.txt").write_text(str(i))
+    with pytest.raises(UserError, match=r"mine0.txt, mine1.txt, mine2.txt and 2 more\); move those") as caught:
+        _make(workdir, "art", force=True)
+    assert "\n" not in str(caught.value)
+
+
+def test_force_rechecks_the_manifest_at_rename_time(workdir):
+    """A file the user drops into the previous output while we work keeps it from being replaced."""
+    out = _make(workdir, "art")
+    with pytest.raises(UserError, match="notes.txt"), artifact.staging(out, True, "quantize") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+        (out / "notes.txt").write_text("mine")
+        artifact.commit(tmp, out, artifact.Manifest(kind="hf", method="bf16", verb="quantize"), True)
+    assert (out / "notes.txt").read_text() == "mine" and artifact.verify(out)
+
+
+def test_force_replaces_an_output_that_verifies(workdir):
+    out = _make(workdir, "art")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.bin").write_bytes(b"x")
+    data = json.loads((out / "sc2quant.json").read_text())
+    data["files"]["sub/x.bin"] = {"sha256": sha256_file(out / "sub" / "x.bin"), "bytes": 1}
+    (out / "sc2quant.json").write_text(json.dumps(data))
+    _make(workdir, "art", force=True)
+    assert not (out / "sub").exists() and set(artifact.verify(out).files) == {"model.safetensors", "config.json"}

@@ -51,3 +51,42 @@ def test_not_yaml_and_missing(tmp_path):
         load_recipe(f, QuantizeOptions)
     with pytest.raises(UserError, match="not found"):
         load_recipe("no-such-recipe", QuantizeOptions)
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "bits: *i\n"
+
+
+def test_alias_bomb_is_refused_in_one_line_without_expanding_it(tmp_path):
+    """A 468-byte "billion laughs" took 3.4 GB to format its error message."""
+    import resource
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 600  # 9**9 strings once expanded
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match="anchors or aliases") as caught:
+        load_recipe(f, QuantizeOptions)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no expansion
+    f.write_text("method: &m gptq\nbits: 4\n")  # any anchor: recipes are flat
+    with pytest.raises(UserError, match="anchors or aliases"):
+        load_recipe(f, QuantizeOptions)
+
+
+@pytest.mark.parametrize("body", ["method: " + "[" * 20_000 + "]" * 20_000 + "\n",
+                                  "method:\n" + "".join("  " * i + "- \n" for i in range(1, 500))])
+def test_deep_nesting_is_refused(tmp_path, body):
+    f = tmp_path / "deep.yaml"
+    f.write_text(body)
+    with pytest.raises(UserError, match="nested") as caught:
+        load_recipe(f, QuantizeOptions)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_long_wrong_value_is_shown_shortened(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("bits: [" + ", ".join(["1"] * 10_000) + "]\n")
+    with pytest.raises(UserError, match=r"'bits' has a list value \[1, 1, .*\.\.\., expected") as caught:
+        load_recipe(f, QuantizeOptions)
+    assert len(str(caught.value)) < 300

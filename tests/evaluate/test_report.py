@@ -37,3 +37,26 @@ def test_report_side_by_side(bnb_artifacts, gptq_artifact, onnx_int4_artifact, t
     m = read_manifest(gptq_artifact)
     assert m.metrics["report"]["drift"]["all"]["kl_mean"] == rows["gptq"]["drift"]["all"]["kl_mean"]
     verify(gptq_artifact)  # writing metrics keeps the checksums valid
+
+
+def test_report_on_a_read_only_artifact_writes_the_report(tiny_model_dir, tiny_gptq_artifact, tmp_path, monkeypatch):
+    """All the measuring was done, then PermissionError on the artifact's manifest, and no report was written.
+    Root ignores permission bits: the kernel's answer is simulated."""
+    import shutil
+
+    from sc2quant.core import artifact
+
+    art = shutil.copytree(tiny_gptq_artifact, tmp_path / "art")
+    before = (art / "sc2quant.json").read_bytes()
+
+    def read_only(path, metrics):
+        raise PermissionError(13, "Permission denied", str(path / "sc2quant.json.tmp"))
+
+    monkeypatch.setattr(artifact, "update_metrics", read_only)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(art), "--baseline", str(tiny_model_dir), "--seqlen", "64",
+                                      "--max-windows", "1", "--no-speed", "--engine", "torch", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not writable (Permission denied): its manifest was not updated" in result.stderr
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.json"}
+    assert (art / "sc2quant.json").read_bytes() == before and verify(art)

@@ -26,7 +26,7 @@ def _plain_transformers(path, repack: bool):
     4-bit weights exactly where its AVX512-BF16 kernel exists)."""
     from transformers import AutoModelForCausalLM
 
-    from sc2quant.core.hf import set_bnb_repack
+    from sc2quant.formats.bnb import set_bnb_repack
 
     model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", trust_remote_code=False)
     set_bnb_repack(model, repack)
@@ -114,7 +114,7 @@ def test_a_repacked_model_is_refused(bnb_artifacts):
     """Simulate the in-place repack that AVX512-BF16 CPUs do: saving must be refused."""
     import bitsandbytes as bnb
 
-    from sc2quant.core.hf import assert_savable
+    from sc2quant.formats.bnb import assert_savable
 
     model = load(bnb_artifacts["nf4"]).engine.model
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))

@@ -64,12 +64,12 @@ def test_gptq_manifest(gptq_artifact):
 def test_same_logits_through_sc2quant_and_transformers(request, fixture):
     from transformers import AutoModelForCausalLM
 
-    from sc2quant.core.hf import contained_gptqmodel_import
+    from sc2quant.formats.gptq import gptqmodel_imported
 
     path = request.getfixturevalue(fixture)
     ours = load(path, engine="torch")
     ids = torch.tensor([ours.encode("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):")])
-    with contained_gptqmodel_import():
+    with gptqmodel_imported():
         plain = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
     with torch.no_grad():
         assert torch.equal(ours.logits(ids), plain(ids).logits.float())
@@ -87,10 +87,10 @@ def test_gptq_beats_rtn(gptq_artifact, rtn_artifact, eval_sets_small, baseline_l
 
 
 def test_importing_gptqmodel_keeps_hf_home(monkeypatch, tmp_path):
-    from sc2quant.core.hf import contained_gptqmodel_import
+    from sc2quant.formats.gptq import gptqmodel_imported
 
     monkeypatch.delenv("HF_HOME", raising=False)
-    with contained_gptqmodel_import():
+    with gptqmodel_imported():
         pass
     assert "HF_HOME" not in os.environ
     assert int(os.environ["GPTQMODEL_CPU_WORKERS"]) >= 2

@@ -84,6 +84,10 @@ def _cases(m: dict[str, Path], tiny: Path) -> list[tuple[str, list[str], str]]:
         ("absurd max_new_tokens", ["run", t, "--prompt", "def", "--max-new-tokens", "100000000"], "max_new_tokens"),
         ("run without prompt", ["run", t], "--prompt"),
         ("bad temperature", ["run", t, "--prompt", "def", "--temperature", "-1"], "temperature"),
+        ("temperature the sampler cannot take", ["run", t, "--prompt", "def", "--temperature", "1e-39"],
+         "temperature must be 0 (greedy) or between 0.001"),
+        ("top_p the sampler cannot take", ["run", t, "--prompt", "def", "--temperature", "1", "--top-p", "1e-46"],
+         "top_p must be between"),
         ("report bad eval file", ["report", t, "--baseline", t, "--eval", str(r / "binary.bin"), "--seqlen", "64",
                                   "--no-speed"],
          "binary file"),
@@ -107,14 +111,11 @@ def _cases(m: dict[str, Path], tiny: Path) -> list[tuple[str, list[str], str]]:
     ]
 
 
-def test_at_least_25_cases(bad_models, tiny_model_dir):
-    assert len(_cases(bad_models, tiny_model_dir)) >= 25
-
-
 @pytest.mark.slow
 def test_every_case_is_one_clear_line_exit_2_nothing_written(bad_models, tiny_model_dir):
-    failures = []
-    for name, args, message in _cases(bad_models, tiny_model_dir):
+    failures, cases = [], _cases(bad_models, tiny_model_dir)
+    assert len({name for name, _, _ in cases}) == len(cases)  # each case named once: a failure names its case
+    for name, args, message in cases:
         before = sorted(p.name for p in bad_models["root"].iterdir())
         result = runner.invoke(app, args)
         lines = result.output.strip().splitlines()
@@ -154,3 +155,42 @@ def test_force_never_destroys_what_the_user_owns(tiny_model_dir, tmp_path, monke
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1 and time.monotonic() - t0 < 30
     assert _tree(model.parent) == before
+
+
+def _verb_cases(model: Path) -> list[tuple[str, list[str]]]:
+    """Every verb that writes a directory, as the cheapest run on the tiny model (`--out` appended)."""
+    return [
+        ("quantize rtn", ["quantize", str(model), "--method", "rtn", "--group-size", "32"]),
+        ("export onnx", ["export", "onnx", str(model)]),
+        ("report", ["report", str(model), "--baseline", str(model), "--seqlen", "64", "--max-windows", "1", "--no-speed"]),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["quantize rtn", "export onnx", "report"])
+def test_force_never_replaces_a_previous_output_holding_the_users_files(tiny_model_dir, tmp_path, verb):
+    """--force replaced a previous output whole, with the notes and data the user had put inside it since."""
+    args = dict(_verb_cases(tiny_model_dir))[verb]
+    out = tmp_path / "out"
+    first = runner.invoke(app, [*args, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    ours = _tree(out)
+    (out / "notes.txt").write_text("my notes")
+    (out / "mydata").mkdir()
+    (out / "mydata" / "rows.csv").write_bytes(b"a,b\n1,2\n")
+    mine = _tree(out)
+    result = runner.invoke(app, [*args, "--out", str(out), "--force"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "mydata/rows.csv" in lines[0] and "notes.txt" in lines[0] and "move those files out" in lines[0]
+    assert _tree(out) == mine and [p.name for p in tmp_path.iterdir()] == ["out"]
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "mydata")
+    edited = next(name for name in sorted(ours) if name != "sc2quant.json")
+    (out / edited).write_bytes(b"edited by hand")
+    result = runner.invoke(app, [*args, "--out", str(out), "--force"])
+    assert result.exit_code == 2 and f"{edited} (changed)" in result.output, result.output
+    assert (out / edited).read_bytes() == b"edited by hand"
+    (out / edited).write_bytes(ours[edited])
+    again = runner.invoke(app, [*args, "--out", str(out), "--force"])  # exactly what it wrote: replaced
+    assert again.exit_code == 0, again.output

@@ -19,20 +19,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.runtime.test_server import _free_port, start_server
+from tests.serving import free_port as _free_port
+from tests.serving import said, spawn_server, sse, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 JSON = {"content-type": "application/json"}
 LONG = {"prompt": "def main():\n", "max_tokens": 2000, "temperature": 0}
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def one_slot(embedded_model_dir):
     """One request generating, none queued, 6 connections, 1 s read timeouts."""
     proc, url = start_server(embedded_model_dir, "--max-queue", "0", "--max-connections", "6", "--read-timeout", "1")
     yield proc, url
-    _stop(proc)
+    stop_server(proc)
 
 
 def _queued(url: str) -> int:
@@ -209,6 +201,85 @@ def test_ctrl_c_stops_serve_with_one_line_that_says_so(embedded_model_dir):
     assert said[-1] == "stopped" and not any("nothing was written" in line or "Traceback" in line for line in said)
 
 
+def _signalled_at(model_dir, signum: int, delay: float) -> tuple[int | None, list[str]]:
+    """Start serve, send `signum` after `delay` seconds; (exit status or None if it hung, its stderr lines)."""
+    proc, _ = spawn_server(model_dir)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    try:
+        code: int | None = proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        code = None
+    return code, [line for line in said(proc).splitlines() if line.strip()]
+
+
+def test_a_signal_at_any_moment_of_start_up_stops_serve_as_documented(embedded_model_dir):
+    """Ctrl-C while serve starts (importing, binding, loading, starting uvicorn, ready) gave 130, 0, a
+    hang or death by SIGINT depending on the moment; now: Ctrl-C 130 and one line "stopped", SIGTERM
+    the status of a process SIGTERM ended, never a traceback. 20 random moments over the start-up
+    (from 0.25 s: the interpreter's own start is no command's), two at a time (a loaded machine)."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(26)
+    trials = [(signal.SIGINT if i % 2 else signal.SIGTERM, rng.uniform(0.25, 6.0)) for i in range(20)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda t: _signalled_at(embedded_model_dir, *t), trials))
+    wrong = []
+    for (signum, delay), (code, lines) in zip(trials, results):
+        expected = 130 if signum == signal.SIGINT else -signal.SIGTERM
+        ok = code == expected and not any("Traceback" in line for line in lines)
+        if signum == signal.SIGINT:
+            ok = ok and lines[-1:] == ["stopped"] and len([line for line in lines if not line.startswith("serving ")]) == 1
+        if not ok:
+            wrong.append(f"{signum.name} at {delay:.2f} s: exit {code}, said {lines[-3:]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_sigterm_answers_queued_requests_with_503_and_ends_every_stream(embedded_model_dir):
+    """SIGTERM with requests queued answered them with a plain-text 500 and cut streams without [DONE]."""
+    proc, url = start_server(embedded_model_dir, "--max-queue", "4")
+    results: dict[str, object] = {}
+
+    def streamed(name: str) -> None:
+        results[name] = sse(url, LONG, timeout=30)
+
+    def plain(name: str) -> None:
+        r = httpx.post(url + "/v1/completions", json=LONG, timeout=30)
+        results[name] = (r.status_code, r.headers["content-type"], r.json() if "json" in r.headers["content-type"] else r.text)
+
+    clients = [threading.Thread(target=streamed, args=("generating",))]
+    clients[0].start()
+    deadline = time.monotonic() + 20
+    while _queued(url) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    clients += [threading.Thread(target=plain, args=("queued",)), threading.Thread(target=streamed, args=("queued stream",))]
+    for client in clients[1:]:
+        client.start()
+    while _queued(url) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for client in clients:
+        client.join(30)
+    assert code == -signal.SIGTERM and time.monotonic() - t0 < 10
+    status, kind, body = results["queued"]  # type: ignore[misc]
+    assert status == 503 and kind == "application/json" and body["error"]["code"] == "server_stopping", body
+    for name in ("queued stream", "generating"):  # headers were sent: an error event, then [DONE]
+        status, events, done = results[name]  # type: ignore[misc]
+        assert status == 200 and done and events[-1].get("error", {}).get("code") == "server_stopping", (name, events[-1:])
+    assert "Traceback" not in said(proc)
+
+
 def test_api_key_is_checked_on_every_route_but_health(embedded_model_dir):
     proc, url = start_server(embedded_model_dir, env={"SC2QUANT_API_KEY": "s3cret"})
     try:
@@ -221,7 +292,7 @@ def test_api_key_is_checked_on_every_route_but_health(embedded_model_dir):
         assert httpx.post(url + "/v1/completions", json=body, headers=ok, timeout=30).status_code == 200
         assert httpx.get(url + "/health", timeout=5).status_code == 200
     finally:
-        _stop(proc)
+        stop_server(proc)
     proc.log.seek(0)  # what the user saw: one startup line (URL, model, kind, limits, auth), never the key
     said = [line for line in proc.log.read().decode().splitlines() if line.strip()]
     startup = [line for line in said if line.startswith("serving ")]
@@ -260,22 +331,7 @@ def test_refusals_before_the_model_loads():
 def server(embedded_model_dir):
     proc, url = start_server(embedded_model_dir, "--max-queue", "8")
     yield url
-    _stop(proc)
-
-
-def _sse(url: str, body: dict) -> tuple[int, list[dict], bool]:
-    events, done = [], False
-    raw = json.dumps({**body, "stream": True}).encode()  # ASCII JSON: a lone surrogate travels as \\ud800
-    with httpx.stream("POST", url + "/v1/completions", content=raw, headers=JSON, timeout=60) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, [r.json()], False
-        for line in r.iter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                events.append(json.loads(line[6:]))
-    return 200, events, done
+    stop_server(proc)
 
 
 @pytest.mark.parametrize("body,message", [
@@ -288,7 +344,7 @@ def _sse(url: str, body: dict) -> tuple[int, list[dict], bool]:
 ])
 def test_bad_requests_are_4xx_before_any_stream(server, body, message):
     for stream in (False, True):
-        status, events, done = _sse(server, body) if stream else (None, None, None)
+        status, events, done = sse(server, body) if stream else (None, None, None)
         if not stream:
             r = httpx.post(server + "/v1/completions", content=json.dumps(body).encode(), headers=JSON, timeout=60)
             if body["prompt"] == ["a", "b"]:
@@ -305,7 +361,7 @@ def test_streaming_cuts_stop_strings_exactly_like_non_streaming(server):
     for stop in (full[3:6], full[-2:], full[0]):
         body = {**base, "stop": stop}
         cut = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-        status, events, done = _sse(server, body)
+        status, events, done = sse(server, body)
         streamed = "".join(e["choices"][0]["text"] for e in events)
         assert status == 200 and done and streamed == cut == full[: full.find(stop)]
         assert events[-1]["choices"][0]["finish_reason"] == "stop"
@@ -314,7 +370,7 @@ def test_streaming_cuts_stop_strings_exactly_like_non_streaming(server):
 def test_echo_when_streaming(server):
     body = {"prompt": "import os\n", "max_tokens": 8, "temperature": 0, "echo": True}
     plain = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-    status, events, done = _sse(server, body)
+    status, events, done = sse(server, body)
     assert done and "".join(e["choices"][0]["text"] for e in events) == plain and plain.startswith("import os\n")
 
 

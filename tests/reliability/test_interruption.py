@@ -56,8 +56,6 @@ def _leftovers(folder: Path, name: str = "") -> list[Path]:
 
 @pytest.mark.parametrize("verb", list(COMMANDS))
 def test_random_interrupts(verb, tmp_path, embedded_model_dir):
-    if verb == "export":
-        pytest.importorskip("sc2quant.export.onnx")
     duration = _full_run_seconds(verb, tmp_path)
     rng = random.Random(1234)
     for trial in range(2 * TRIALS):

@@ -3,47 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from tests.serving import spawn_server, sse, start_server, stop_server
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir, *extra: str, env: dict[str, str] | None = None):
-    """`sc2quant serve` in a child process on a free port; returns (process, base URL) once healthy."""
-    import os
-    import tempfile
-
-    port = _free_port()
-    log = tempfile.TemporaryFile()  # never a pipe nobody reads: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "sc2quant", "serve", str(model_dir), "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
-    proc.log = log  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +121,75 @@ def test_queue_full_gives_429(embedded_model_dir):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"temperature": 1e-39}, "temperature must be 0 (greedy) or between 0.001"),
+    ({"temperature": 1e-4}, "temperature must be 0 (greedy) or between 0.001"),
+    ({"temperature": 0.5, "top_p": 1e-46}, "top_p must be between 1e-06 and 1"),
+    ({"temperature": 0.5, "top_p": 1e-7}, "top_p must be between 1e-06 and 1"),
+    ({"stop": [f"s{i}" for i in range(17)]}, "at most 16 stop sequences"),
+    ({"stop": "x" * 1001}, "at most 1,000 characters"),
+    ({"stop": ["\n", "y" * 100_000]}, "at most 1,000 characters, got one of 100,000"),
+])
+def test_sampling_values_the_sampler_cannot_take_are_400_streamed_or_not(server, body, message):
+    """temperature 1e-39 or top_p 1e-46 passed validation and crashed the sampler (a 500, a broken stream)."""
+    body = {"prompt": "def f(x):\n", "max_tokens": 64, **body}
+    t0 = time.monotonic()
+    r = httpx.post(server + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    status, events, done = sse(server, body, timeout=30)
+    assert status == 400 and message in events[0]["error"]["message"] and not done, events
+    assert time.monotonic() - t0 < 10  # refused before any work (a 100 KB stop string took seconds a token)
+
+
+def test_the_smallest_sampling_values_accepted_generate(server):
+    for body in ({"temperature": 1e-3}, {"temperature": 1.0, "top_p": 1e-6}):
+        r = httpx.post(server + "/v1/completions", json={"prompt": "def f(x):\n", "max_tokens": 8, **body}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+
+
+def _streamed_seconds(url: str, stop: str, tokens: int) -> float:
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.monotonic()
+        status, events, done = sse(url, {"prompt": "class Stack:\n", "max_tokens": tokens, "temperature": 0, "stop": stop})
+        best = min(best, time.monotonic() - t0)
+        assert status == 200 and done and events[-1]["choices"][0]["finish_reason"] == "length", events[-1:]
+    return best
+
+
+def test_a_stop_string_of_the_largest_size_costs_what_a_short_one_does(server):
+    """Stop strings are matched incrementally: a token costs the same whatever their length (indentation
+    keeps them partly matched; they never match whole, so both requests generate every token)."""
+    short = _streamed_seconds(server, " \x00", 64)
+    longest = _streamed_seconds(server, " " * 999 + "\x00", 64)
+    assert longest < 2 * short + 0.5, (longest, short)
+
+
+def test_health_answers_503_while_the_model_loads(embedded_model_dir):
+    """The port is served at once: /health says 503 "loading" (it accepted connections and answered
+    nothing for seconds), completions get a 503 JSON error, then /health turns 200."""
+    proc, url = spawn_server(embedded_model_dir)
+    answers: list[tuple[int, str]] = []
+    refused = 0  # completions asked while loading
+    try:
+        deadline = time.monotonic() + 120
+        while not answers or answers[-1][0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                r = httpx.get(url + "/health", timeout=2)  # an accepted connection must be answered at once
+            except httpx.ConnectError:  # not bound yet
+                time.sleep(0.05)
+                continue
+            answers.append((r.status_code, r.json()["status"]))
+            if r.status_code == 503:
+                early = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+                if early.status_code != 200:  # 200: it became ready in between
+                    assert early.status_code == 503 and "loading" in early.json()["error"]["message"], early.text
+                    refused += 1
+            time.sleep(0.05)
+        assert answers[0] == (503, "loading") and set(answers[:-1]) == {(503, "loading")} and refused, answers
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
+    finally:
+        stop_server(proc)

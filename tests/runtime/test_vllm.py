@@ -18,8 +18,7 @@ import pytest
 
 from sc2quant.core.system import cpu_flags
 from sc2quant.runtime.vllm import default_python
-from tests.reliability.test_hostile_clients import _stop
-from tests.runtime.test_server import start_server
+from tests.serving import start_server, stop_server
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(default_python() is None, reason="vLLM is not installed (make install-vllm)")]
@@ -30,7 +29,7 @@ FIM = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n"}
 
 
 def vllm_server(model_dir):
-    return start_server(model_dir, "--engine", "vllm", "--max-queue", "8")
+    return start_server(model_dir, "--engine", "vllm", "--max-queue", "8", timeout=600)  # vLLM loads in 15-30 s idle
 
 
 def _sse(url: str, body: dict) -> str:
@@ -64,7 +63,7 @@ def test_the_embedded_model_through_vllm_answers_as_sc2quant_does(embedded_model
         assert httpx.get(url + "/health", timeout=10).json()["engine"] == "vllm"
         _same_answers_as_sc2quant(url, load(embedded_model_dir, dtype="bf16"))  # vLLM computes in bf16
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @needs_avx512
@@ -75,33 +74,58 @@ def test_a_gptq_artifact_through_vllm_answers_as_sc2quant_does(gptq_artifact):
     try:
         _same_answers_as_sc2quant(url, load(gptq_artifact, engine="torch", dtype="bf16"))
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
-def test_a_dead_vllm_gives_503_and_a_failing_health_check_not_a_hang(embedded_model_dir):
+def _health_turns_503(url: str, killed_at: float) -> float:
+    """Seconds from the kill until /health answers 503 (polled every 50 ms for 10 s)."""
+    while time.monotonic() < killed_at + 10:
+        health = httpx.get(url + "/health", timeout=5)
+        if health.status_code == 503:
+            assert "exited" in health.json()["reason"], health.json()
+            return time.monotonic() - killed_at
+        time.sleep(0.05)
+    raise AssertionError("/health still answers 200 10 s after vLLM died")
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-request", "mid-stream"])
+def test_a_dead_vllm_gives_503_and_a_failing_health_check_not_a_hang(embedded_model_dir, when):
+    """vLLM's process group is killed; within 2 s /health says 503, requests get 503, nothing hangs."""
     proc, url = vllm_server(embedded_model_dir)
     try:
         pid = httpx.get(url + "/health", timeout=10).json()["vllm_pid"]
         answer: dict = {}
+        started = threading.Event()
 
         def long_request() -> None:
-            answer["r"] = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 900,
-                                                                    "temperature": 0}, timeout=60)
+            body = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": when == "mid-stream"}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                answer["status"] = r.status_code
+                for line in r.iter_lines():
+                    started.set()  # the first streamed event (or the whole answer) has arrived
+                    if line:
+                        answer.setdefault("lines", []).append(line)
+            started.set()
 
         worker = threading.Thread(target=long_request)
-        worker.start()
-        time.sleep(1.0)
+        if when != "idle":
+            worker.start()
+            started.wait(60) if when == "mid-stream" else time.sleep(1.0)
         os.killpg(pid, signal.SIGKILL)
-        worker.join(30)
-        assert not worker.is_alive(), "the request hung after vLLM died"
-        assert answer["r"].status_code in (200, 503)  # it may have finished just before the kill
-        health = httpx.get(url + "/health", timeout=10)
-        assert health.status_code == 503 and "exited" in health.json()["reason"]
+        seconds = _health_turns_503(url, time.monotonic())
+        assert seconds <= 2.0, f"/health turned 503 only {seconds:.2f} s after vLLM died ({when})"
+        if when != "idle":
+            worker.join(30)
+            assert not worker.is_alive(), "the request hung after vLLM died"
+            if when == "mid-stream":  # the stream ends with an error event and [DONE], not a cut connection
+                assert answer["lines"][-1] == "data: [DONE]" and any('"error"' in ln for ln in answer["lines"])
+            else:
+                assert answer["status"] in (200, 503)  # it may have finished just before the kill
         late = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
         assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
         assert proc.poll() is None  # sc2quant's server itself is still up and says what is wrong
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_artifacts_vllm_cannot_run_are_refused_in_one_line(bnb_artifacts, onnx_int4_artifact):

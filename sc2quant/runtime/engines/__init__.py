@@ -1,54 +1,61 @@
-"""Engines: one per artifact kind, each implementing `sc2quant.runtime.engines.base.Engine`.
+"""Engines, each implementing `sc2quant.runtime.engines.base.Engine`, and the choice between them.
 
-Adding an engine is one module plus one line here. Entries are imported on first use.
+`ENGINES` is the one table of engines (name -> class, imported on first use); which engines can
+run an artifact is its format's answer (`sc2quant.formats.Format.engines` and `runs_in`).
+Adding an engine is one module plus one line here.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from sc2quant.core.errors import UserError
+from sc2quant.formats import get_format
 from sc2quant.runtime.engines.base import Engine, EngineOptions
 
-# artifact kind -> engine. A plain checkpoint, bitsandbytes and GPTQ run in torch (transformers'
-# own kernels); ONNX exports in ONNX Runtime.
 ENGINES: dict[str, str] = {
-    "hf": "sc2quant.runtime.engines.torch_engine:TorchEngine",
-    "bnb": "sc2quant.runtime.engines.torch_engine:TorchEngine",
-    "gptq": "sc2quant.runtime.engines.torch_engine:TorchEngine",
-    "onnx": "sc2quant.runtime.engines.onnx_engine:OnnxEngine",
+    "torch": "sc2quant.runtime.engines.torch_engine:TorchEngine",  # transformers' own kernels
+    "onnx": "sc2quant.runtime.engines.onnx_engine:OnnxEngine",  # ONNX Runtime
 }
+ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-ENGINE_CHOICES = ("auto", "torch", "onnx")
+def choose_engine(kind: str, device: str, requested: str = "auto", path: Path | None = None,
+                  config: dict[str, Any] | None = None, verified: bool = True,
+                  notes: list[str] | None = None, dtype: str = "auto") -> str:
+    """The engine that runs an artifact of `kind` at `path` on `device`.
 
-
-def choose_engine(kind: str, device: str, requested: str = "auto", verified: bool = True) -> str:
-    """Which engine runs an artifact of `kind`: the registered one, except that a GPTQ artifact
-    on the CPU runs through ONNX Runtime's int4 kernels (converted once, see runtime.convert)
-    unless `torch` is asked for. The conversion is cached under the artifact's checksums, so
-    only files whose checksums were `verified` are converted."""
+    "auto": the format's fastest engine that can take this artifact; when a faster one cannot,
+    why is appended to `notes` (the caller says it once). A requested engine that cannot take
+    it is refused with the reason."""
     if requested not in ENGINE_CHOICES:
         raise UserError(f"unknown engine '{requested}': choose one of {', '.join(ENGINE_CHOICES)}")
-    if requested == "onnx" and kind not in ("onnx", "gptq"):
-        raise UserError(f"a '{kind}' artifact cannot run in ONNX Runtime: export it first (`sc2quant export onnx`) "
-                        "or drop --engine")
-    if requested == "torch" and kind == "onnx":
-        raise UserError("an ONNX export runs in ONNX Runtime only: drop --engine torch, or run its source model")
-    if kind == "gptq" and requested == "onnx" and not verified:
-        raise UserError("a GPTQ artifact runs in ONNX Runtime after a conversion that needs its checksums "
-                        "verified: drop verify=False (--no-verify), or use engine torch")
-    if kind == "gptq" and (requested == "onnx" or (requested == "auto" and device == "cpu" and verified)):
-        return "onnx"
-    return "onnx" if kind == "onnx" else "torch"
+    fmt = get_format(kind)
+    where, config = Path(path or "."), config or {}
+    if requested != "auto":
+        reason = fmt.runs_in(requested, device, where, config, verified, dtype)
+        if reason:
+            fallback = choose_engine(kind, device, "auto", path, config, verified, None, dtype)
+            raise UserError(f"this artifact cannot run in the {requested} engine: {reason}; drop --engine "
+                            f"(it then runs in {fallback})")
+        return requested
+    skipped = []
+    for engine in fmt.engines(device):
+        reason = fmt.runs_in(engine, device, where, config, verified, dtype)
+        if reason is None:
+            if skipped and notes is not None:
+                notes.append(f"running in {engine}, not {', '.join(e for e, _ in skipped)}: "
+                             + "; ".join(r for _, r in skipped))
+            return engine
+        skipped.append((engine, reason))
+    raise UserError(f"no engine runs this '{kind}' artifact on {device}: " + "; ".join(r for _, r in skipped))
 
 
-def open_engine(kind: str, path: Path, options: EngineOptions) -> Engine:
-    """The registered engine for an artifact kind, opened on `path`."""
-    if kind not in ENGINES:
-        raise UserError(f"no engine runs artifacts of kind '{kind}': known kinds are {', '.join(ENGINES)}")
-    module, cls = ENGINES[kind].split(":")
+def open_engine(engine: str, kind: str, path: Path, options: EngineOptions) -> Engine:
+    """Engine `engine` opened on the artifact of `kind` at `path`."""
+    module, cls = ENGINES[engine].split(":")
     return getattr(importlib.import_module(module), cls)(path, options, kind)
 
 

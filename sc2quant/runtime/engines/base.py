@@ -1,5 +1,5 @@
-"""The one engine protocol. Every artifact kind is served by an engine registered for it in
-`sc2quant.runtime.engines.ENGINES`; engines only compute logits. Sampling, stop strings,
+"""The one engine protocol. Engines are registered in `sc2quant.runtime.engines.ENGINES`; which
+of them runs an artifact is its format's choice (`sc2quant.formats`); engines only compute logits. Sampling, stop strings,
 streaming and fill-in-the-middle live in `sc2quant.runtime.model`, written once for all.
 
 Threads are handled the same way for every engine: `sc2quant.runtime.load` sets torch's
@@ -28,7 +28,7 @@ class EngineOptions:
 @runtime_checkable
 class Engine(Protocol):
     name: str  # "torch", "onnx"
-    kind: str  # artifact kind served (see sc2quant.core.names.KINDS)
+    kind: str  # artifact kind served (a registered `sc2quant.formats.Format`)
     device: str  # resolved: "cpu" or "cuda"
     config: dict[str, Any]  # the model's HF config.json
     tokenizer: Any  # a transformers tokenizer

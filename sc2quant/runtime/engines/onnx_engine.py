@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sc2quant.core.artifact import read_genai_config
+from sc2quant.core.artifact import GENAI_CONFIG, read_genai_config
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import read_json
-from sc2quant.core.hf import load_tokenizer
+from sc2quant.core.hf import check_genai_sizes, load_tokenizer
 from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
 from sc2quant.runtime.engines.base import EngineOptions
 
@@ -49,6 +49,7 @@ class OnnxEngine:
         decoder = genai["model"]["decoder"]
         self.device = _resolve_device(options.device)
         self.config = read_json(self.path / "config.json", "re-export the model")
+        check_genai_sizes(self.path, genai, self.config)  # before anything is allocated from them
         self.context_length = self.context = int(genai["model"]["context_length"])
         self.num_layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
@@ -59,10 +60,19 @@ class OnnxEngine:
             # of different lengths in ORT 1.32; `sc2quant export onnx` writes full-length caches.
             raise UserError(f"{path} was exported with a window-sized KV cache, which OnnxEngine does not run: "
                             "re-export it with `sc2quant export onnx`")
-        self.session = ort.InferenceSession(str(self.path / decoder["filename"]),
-                                            _session_options(options.threads, options.profile_dir),
-                                            providers=_providers(self.device))
+        try:
+            self.session = ort.InferenceSession(str(self.path / decoder["filename"]),
+                                                _session_options(options.threads, options.profile_dir),
+                                                providers=_providers(self.device))
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types for missing or damaged files
+            reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"ONNX Runtime cannot load {self.path.name} ({reason}): its files are damaged or "
+                            "missing; load it with its checksums verified, or export it again") from exc
         types = {i.name: i.type for i in self.session.get_inputs()}
+        pasts = sorted(name for name in types if name.startswith("past_key_values."))
+        if len(pasts) != 2 * self.num_layers:
+            raise UserError(f"{GENAI_CONFIG} in {self.path} says {self.num_layers} layers but the graph has "
+                            f"{len(pasts) // 2}: re-export the model")
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.cache_dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         out_types = {o.name: o.type for o in self.session.get_outputs()}
@@ -70,8 +80,9 @@ class OnnxEngine:
         self._ort_device = self.device
         self.dtype = "fp16" if self.cache_dtype == np.float16 else "fp32"
         if options.dtype not in ("auto", self.dtype):
+            again = f", or export again with `sc2quant export onnx --dtype {options.dtype}`" if options.dtype == "fp16" else ""
             raise UserError(f"{self.path.name} is an ONNX graph computing in {self.dtype}, fixed when it was exported: "
-                            f"drop --dtype, or export again with `sc2quant export onnx --dtype {options.dtype}`")
+                            f"drop --dtype{again}")
         self.tokenizer = load_tokenizer(self.path)
         self._ones = np.ones((1, self.context_length), dtype=np.int64)  # batch 1's mask: a slice of it
 
@@ -105,6 +116,23 @@ class OnnxEngine:
         state.lengths = [n + 1 for n in state.lengths]
         logits = self._run(state, ids, state.lengths)
         return torch.from_numpy(logits[:, -1].astype(np.float32, copy=False))
+
+    def extend(self, state: OnnxState, ids: list[int]) -> torch.Tensor:
+        """Prefill more tokens into a batch-1 state: GroupQueryAttention with past reads the cached
+        positions and writes the new ones in place (chunked prefill, prompt reuse)."""
+        if len(state.lengths) != 1 or not ids:
+            raise UserError("extend takes one row and at least one token")
+        state.lengths = [state.lengths[0] + len(ids)]
+        logits = self._run(state, np.asarray([ids], dtype=np.int64), state.lengths)
+        return torch.from_numpy(logits[:, -1].astype(np.float32, copy=True))
+
+    def truncate(self, state: OnnxState, length: int) -> None:
+        """Forget positions from `length` on (the buffers keep them until overwritten; GQA reads
+        only up to each row's length)."""
+        state.lengths = [min(n, length) for n in state.lengths]
+
+    def state_bytes(self, state: OnnxState) -> int:
+        return sum(int(np.prod(b.shape())) * np.dtype(self.cache_dtype).itemsize for b in state.buffers.values())
 
     def weight_bytes(self) -> int:
         """ONNX Runtime owns its initializers; their bytes are those of the graph's files."""

@@ -27,6 +27,7 @@ import torch
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_model
+from sc2quant.formats import get_format
 from sc2quant.runtime.engines.base import EngineOptions
 
 MIN_BUCKET = 256  # the smallest static cache, in tokens
@@ -36,7 +37,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, path: Path, options: EngineOptions, kind: str = "hf") -> None:
-        loaded = load_model(path, dtype=options.dtype, device=options.device)
+        loaded = load_model(path, dtype=options.dtype, device=options.device, hooks=get_format(kind))
         self.kind = kind
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

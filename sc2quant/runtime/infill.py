@@ -1,0 +1,100 @@
+"""llama.cpp server's `/infill` for `sc2quant serve`: the request editor plugins send (llama.vscode,
+llama.vim: `input_prefix`, `input_suffix`, `input_extra`, `prompt`, `n_predict`, `stream`,
+`t_max_predict_ms`, ...) and llama-server's answer (`content`, `stop`, `tokens_predicted`,
+`tokens_evaluated`, `tokens_cached`, `timings`). The generation itself is the OpenAI route's
+(`sc2quant.runtime.server`): the same checks, limits, queue and prompt reuse.
+
+Fields llama-server takes that have no meaning here (`cache_prompt`: prompts are always reused;
+`top_k`, `samplers`, `n_indent`, `id_slot`, `t_max_prompt_ms`, ...) are accepted and ignored, as
+llama-server ignores what it does not know. Greedy decoding is the default (editors want the
+same suggestion for the same code); `temperature` switches to sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sc2quant.runtime import Chunk
+
+MAX_EXTRA_FILES = 64
+
+
+class ExtraFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    filename: str = ""
+    text: str = ""
+
+
+class InfillRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraFile] = Field(default_factory=list, max_length=MAX_EXTRA_FILES)
+    prompt: str = ""  # the text of the cursor's line before the cursor: it continues input_prefix
+    n_predict: int = Field(-1, ge=-1, le=8192)  # -1: until the context or the server's limit; 0: fill the cache
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    t_max_predict_ms: int = Field(0, ge=0)  # 0: no limit; else stop generating this long after the first token
+
+
+class InfillTimer:
+    """Timings and the `t_max_predict_ms` limit of one /infill request, and its answers."""
+
+    def __init__(self, t_max_predict_ms: int, keep: bool = True) -> None:
+        self.limit_s = t_max_predict_ms / 1000 if t_max_predict_ms else None
+        self.keep = keep  # n_predict 0: the prompt is prefilled (and cached), no text is returned
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.limited = False
+
+    async def limit(self, chunks: AsyncIterator[Chunk], job: Any) -> AsyncIterator[Chunk]:
+        """The chunks until the generation ends or runs past the time limit (then cancelled)."""
+        async for chunk in chunks:
+            if chunk.completion_tokens and self.first is None:
+                self.first = time.monotonic()
+            yield chunk
+            if self.limit_s is not None and self.first is not None and time.monotonic() - self.first > self.limit_s \
+                    and chunk.finish_reason is None:
+                self.limited = True
+                job.cancel()
+                return
+
+    def answer(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        row = rows[0]
+        end, first = time.monotonic(), self.first or time.monotonic()
+        predicted = row["completion_tokens"] if self.keep else 0
+        stop_type = "limit" if self.limited or row["finish_reason"] == "length" else "eos"
+        return {"content": row["text"] if self.keep else "", "stop": True, "stop_type": stop_type,
+                "tokens_predicted": predicted, "tokens_evaluated": row["prompt_tokens"],
+                "tokens_cached": row["cached_tokens"], "seed": row["seed"],
+                "timings": {"prompt_n": row["prompt_tokens"] - row["cached_tokens"],
+                            "prompt_ms": 1000 * (first - self.start), "predicted_n": predicted,
+                            "predicted_ms": 1000 * (end - first)}}
+
+    async def events(self, chunks: AsyncIterator[Chunk], job: Any) -> AsyncIterator[str]:
+        """llama-server's stream: `data: {"content": ..., "stop": false}` per piece, then the final answer
+        with `"stop": true`; an error ends the stream as an `error` event."""
+        row = {"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None,
+               "cached_tokens": 0}
+        try:
+            async for c in self.limit(chunks, job):
+                row.update(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens, seed=c.seed,
+                           completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens)
+                if c.text and self.keep:
+                    row["text"] += c.text
+                    yield f"data: {json.dumps({'content': c.text, 'stop': False})}\n\n"
+        except Exception as exc:  # noqa: BLE001 - after the stream started: tell the client in the stream
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n"
+            return
+        final = self.answer([row])
+        yield f"data: {json.dumps({**final, 'content': ''})}\n\n"

@@ -1,0 +1,116 @@
+"""Prompt reuse between requests (a prefix cache) and chunked prefill.
+
+Editors re-send nearly the same fill-in-the-middle prompt on every pause in typing. An engine
+that can extend a cached sequence (`Extendable`: the ONNX engine, whose KV cache holds every
+position of the context, so the sliding window still holds) keeps each finished request's KV
+and token ids here; the next request takes the entry sharing the longest token prefix with it,
+cuts it back to that prefix and prefills only the rest. Keys and values at a position depend on
+the tokens up to it alone, so the result is the same as prefilling the whole prompt (tested bit
+for bit). Entries are bounded by bytes and evicted least recently used first; an entry is taken
+out while a request uses it, so concurrent requests never share one.
+
+Prompts are prefilled in chunks of `chunk` tokens: the activations a forward holds grow with the
+chunk, not the prompt, and the decoding loop yields between chunks so a stream can be cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+DEFAULT_CACHE_BYTES = 1 << 30  # one 3B fp32 slot at its full 16,384-token context, many smaller ones
+# tokens per prefill call: the fastest of 64-1024 for a 1,000-token prompt on the 315M and the embedded
+# models' int4 exports (python -m bench.prefill; bench/results/*-prefill-*.md), and bounded activations
+DEFAULT_CHUNK = 128
+
+
+@runtime_checkable
+class Extendable(Protocol):
+    """An engine whose batch-1 state can be cut back and extended (see the module docstring)."""
+
+    def extend(self, state: Any, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to a batch-1 state; float32 logits [1, V] of the last one."""
+        ...
+
+    def truncate(self, state: Any, length: int) -> None:
+        """Forget every position from `length` on."""
+        ...
+
+    def state_bytes(self, state: Any) -> int:
+        ...
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class PrefixCache:
+    max_bytes: int = DEFAULT_CACHE_BYTES
+    entries: OrderedDict[int, tuple[list[int], Any, int]] = field(default_factory=OrderedDict)  # oldest first
+    hits: int = 0
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _next: int = 0
+
+    def take(self, ids: list[int]) -> tuple[Any | None, int]:
+        """The entry sharing the longest prefix with `ids` (removed until `put` back) and that length;
+        None when no entry shares a token (every entry stays for the requests it serves)."""
+        with self._lock:
+            best, shared = None, 0
+            for key, (cached, _, _) in self.entries.items():
+                if (n := common_prefix(cached, ids)) > shared:
+                    best, shared = key, n
+            if best is None:
+                return None, 0
+            return self.entries.pop(best)[1], shared
+
+    def put(self, ids: list[int], state: Any, nbytes: int) -> None:
+        """Keep a finished request's state for the next one; the least recently used go beyond max_bytes."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._next += 1
+            self.entries[self._next] = (list(ids), state, nbytes)
+            while sum(e[2] for e in self.entries.values()) > self.max_bytes:
+                self.entries.popitem(last=False)
+
+    def describe(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self.entries), "bytes": sum(e[2] for e in self.entries.values()),
+                    "max_bytes": self.max_bytes, "hits": self.hits, "reused_tokens": self.reused_tokens,
+                    "prefilled_tokens": self.prefilled_tokens}
+
+
+def prefill(engine: Extendable, ids: list[int], cache: PrefixCache | None,
+            chunk: int) -> Iterator[tuple[Any, torch.Tensor | None, int]]:
+    """Prefill one prompt, reusing the cache's longest shared prefix; yields (state, logits, reused)
+    after each chunk, logits None until the last one."""
+    state, shared = cache.take(ids) if cache is not None else (None, 0)
+    reused = min(shared, len(ids) - 1)  # at least the last token is computed: its logits are needed
+    if state is None:
+        state, logits = engine.start([ids[:chunk]])  # type: ignore[attr-defined]
+        done = min(chunk, len(ids))
+    else:
+        engine.truncate(state, reused)
+        done, logits = reused, None
+    if cache is not None:
+        cache.hits += reused > 0
+        cache.reused_tokens += reused
+        cache.prefilled_tokens += len(ids) - reused
+    while done < len(ids):
+        yield state, None, reused
+        logits = engine.extend(state, ids[done:done + chunk])
+        done += min(chunk, len(ids) - done)
+    yield state, logits, reused

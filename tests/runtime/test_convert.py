@@ -1,0 +1,109 @@
+"""The GPTQ-to-ONNX conversion cache: safe under concurrent first use, a fallback when it cannot be
+written, and no conversion child outliving the process that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sc2quant.core import artifact
+from sc2quant.core.errors import UserError
+from sc2quant.runtime import convert
+
+CONVERT = ("import sys\nfrom pathlib import Path\nfrom sc2quant.core import artifact\n"
+           "from sc2quant.runtime.convert import converted_onnx\n"
+           "p = Path(sys.argv[1])\nprint(converted_onnx(p, artifact.read_manifest(p)), flush=True)\n")
+
+
+def _spawn(path: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "SC2QUANT_CACHE": str(cache)}
+    return subprocess.Popen([sys.executable, "-c", CONVERT, str(path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_two_first_uses_at_once_convert_once_and_both_succeed(tiny_gptq_artifact, tmp_path):
+    """Two `serve` processes starting on the same new GPTQ artifact: the second exited 2."""
+    cache = tmp_path / "cache"
+    procs = [_spawn(tiny_gptq_artifact, cache) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    outs = {stdout.strip() for stdout, _ in results}
+    assert len(outs) == 1
+    converted = Path(outs.pop())
+    assert artifact.verify(converted).kind == "onnx"
+    assert [p.name for p in (cache / "converted").iterdir()] == [converted.name]  # no staging left behind
+    assert sum(stderr.count("to ONNX Runtime's int4 kernels once") for _, stderr in results) == 1
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(tiny_gptq_artifact, tmp_path, monkeypatch):
+    """A read-only $HOME made `run`/`serve` of a GPTQ artifact exit 1."""
+    (tmp_path / "home").write_text("a file where the cache's parent should be: nothing can be created under it")
+    monkeypatch.delenv("SC2QUANT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / "cache"))
+    monkeypatch.setattr(convert.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    root = convert.writable_cache_root()
+    assert root == tmp_path / "tmp" / f"sc2quant-{os.getuid()}" / "converted" and root.is_dir()
+    assert (root.parent.stat().st_mode & 0o777) == 0o700
+    out = convert.converted_onnx(tiny_gptq_artifact, artifact.read_manifest(tiny_gptq_artifact))
+    assert out.parent == root and artifact.verify(out)
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "home" / "cache"))  # asked for: said, not replaced
+    with pytest.raises(UserError, match="set SC2QUANT_CACHE to a writable directory"):
+        convert.writable_cache_root()
+
+
+def test_a_shared_fallback_folder_of_someone_else_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SC2QUANT_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(convert.tempfile, "gettempdir", lambda: str(tmp_path))
+    (tmp_path / f"sc2quant-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"sc2quant-{os.getuid()}", 0o777)  # writable by others: not ours to trust
+    with pytest.raises(UserError, match="SC2QUANT_CACHE"):
+        convert.writable_cache_root()
+
+
+def test_sigterm_during_the_first_conversion_ends_the_child(tiny_gptq_artifact, tmp_path):
+    """SIGTERM's default action runs no Python code: the conversion child kept running, orphaned."""
+    parent = _spawn(tiny_gptq_artifact, tmp_path / "cache")
+    deadline = time.monotonic() + 120
+    children: list[int] = []
+    while not children and time.monotonic() < deadline and parent.poll() is None:
+        children = _children(parent.pid)
+        time.sleep(0.05)
+    assert children, parent.communicate()
+    time.sleep(0.5)  # the child is importing or converting (a conversion takes seconds)
+    parent.send_signal(signal.SIGTERM)
+    parent.communicate(timeout=60)
+    assert parent.returncode == -signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in children), "the conversion child outlived its parent"
+    deadline = time.monotonic() + 10  # the child removes its staging directory as it ends
+    while list((tmp_path / "cache" / "converted").glob(artifact.TMP_PREFIX + "*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list((tmp_path / "cache" / "converted").iterdir()) == []  # an orphan would have finished and published it

@@ -1,0 +1,97 @@
+"""`/infill` as llama-server serves it, tried with the bodies editor plugins send (llama.vscode's
+request and its cache warm-up, llama.vim's), streamed and not, against the runtime's own FIM."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from sc2quant.core.tokens import fim_prompt
+from sc2quant.runtime import load
+from tests.serving import start_server, stop_server
+
+pytestmark = pytest.mark.slow
+# (prefix, the cursor's line, suffix): cases the embedded model fills with 16 tokens, not an end of file at once
+PREFIX, LINE, SUFFIX = "def add(a, b):\n", "    ", "\n    return c\n"
+VIM_PREFIX, VIM_LINE, VIM_SUFFIX = "def parse(text):\n    result = []\n", "    for ", "\n    return result\n"
+EXTRA = [{"filename": "util.py", "text": "def helper(x):\n    return x * 2\n"}]
+# llama.vscode (src/llama-server.ts): the completion request and the n_predict 0 request that fills the cache
+VSCODE = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": EXTRA, "prompt": LINE, "n_predict": 16,
+          "top_k": 40, "top_p": 0.99, "stream": False, "n_indent": 4, "samplers": ["top_k", "top_p", "infill"],
+          "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 5000}
+WARMUP = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": EXTRA, "prompt": LINE, "n_predict": 0,
+          "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1}
+# llama.vim: the same fields, greedy-ish sampling settings of its own
+VIM = {"input_prefix": VIM_PREFIX, "input_suffix": VIM_SUFFIX, "input_extra": [], "prompt": VIM_LINE, "n_predict": 16,
+       "top_k": 40, "top_p": 0.99, "stream": False, "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True,
+       "t_max_prompt_ms": 500, "t_max_predict_ms": 1000}
+
+
+@pytest.fixture(scope="module")
+def served(onnx_int4_artifact):
+    proc, url = start_server(onnx_int4_artifact)
+    try:
+        yield url, load(onnx_int4_artifact, prefix_cache_bytes=0)
+    finally:
+        stop_server(proc)
+
+
+def _expected(model, body: dict) -> str:
+    files = tuple((f["filename"], f["text"]) for f in body["input_extra"])
+    return model.generate(fim_prompt(body["input_prefix"] + body["prompt"], body["input_suffix"], files),
+                          max_new_tokens=body["n_predict"])
+
+
+def test_llama_vscode_requests_get_llama_server_answers(served):
+    url, model = served
+    warm = httpx.post(url + "/infill", json=WARMUP, timeout=60)
+    assert warm.status_code == 200 and warm.json()["content"] == "" and warm.json()["tokens_predicted"] == 0
+    got = httpx.post(url + "/infill", json=VSCODE, timeout=60).json()
+    assert got["content"] == _expected(model, VSCODE) and got["content"] and got["stop"] is True
+    alone = httpx.post(url + "/infill", json={**VSCODE, "input_extra": []}, timeout=60).json()
+    assert alone["content"] != got["content"]  # the other file was in the prompt
+    assert got["tokens_cached"] >= got["tokens_evaluated"] - 1  # the warm-up filled the cache: nothing to prefill
+    assert got["timings"]["predicted_n"] == got["tokens_predicted"] <= 16
+
+
+def test_llama_vim_request_and_the_openai_suffix_route_agree(served):
+    url, model = served
+    got = httpx.post(url + "/infill", json=VIM, timeout=60).json()
+    assert got["content"] == _expected(model, VIM) and got["content"]
+    openai = httpx.post(url + "/v1/completions", json={"prompt": VIM_PREFIX + VIM_LINE, "suffix": VIM_SUFFIX,
+                                                       "max_tokens": 16, "temperature": 0}, timeout=60).json()
+    assert openai["choices"][0]["text"] == got["content"]  # one generation path for both routes
+
+
+def test_streamed_infill_is_the_same_text_then_a_final_answer(served):
+    url, _ = served
+    whole = httpx.post(url + "/infill", json=VSCODE, timeout=60).json()
+    events = []
+    with httpx.stream("POST", url + "/infill", json={**VSCODE, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == whole["content"]
+
+
+def test_the_time_limit_stops_generation(served):
+    url, _ = served
+    body = {**VIM, "input_prefix": "x = [", "prompt": "", "input_suffix": "", "n_predict": 200}
+    free = httpx.post(url + "/infill", json=body, timeout=60).json()
+    assert free["stop_type"] == "limit" and free["tokens_predicted"] == 200  # n_predict reached
+    got = httpx.post(url + "/infill", json={**body, "t_max_predict_ms": 1}, timeout=60).json()
+    assert got["stop_type"] == "limit" and 1 <= got["tokens_predicted"] < 200
+
+
+@pytest.mark.parametrize("body,message", [
+    ({**VIM, "input_extra": "util.py"}, "input_extra"),
+    ({**VIM, "n_predict": 100000}, "n_predict"),
+    ({**VIM, "input_prefix": "x = 1\n" * 3000}, "context"),
+    ({**VIM, "temperature": -1}, "temperature"),
+])
+def test_bad_infill_requests_get_400_with_one_message(served, body, message):
+    url, _ = served
+    r = httpx.post(url + "/infill", json=body, timeout=60)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

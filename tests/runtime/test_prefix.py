@@ -1,0 +1,123 @@
+"""Prompt reuse (the prefix cache) and chunked prefill on the ONNX engine: the same greedy text and
+the same logits as a full prefill, across the sliding window, bounded in bytes, safe to cancel."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from sc2quant.runtime import load
+from tests.conftest import logit_tolerance
+
+SOURCE = (Path(__file__).resolve().parents[2] / "sc2quant" / "runtime" / "model.py").read_text()
+
+
+def _prompts(model, shared: float) -> tuple[str, str]:
+    """Two FIM-free prompts of ~600 tokens (past the embedded model's 256-token window) sharing `shared` of them."""
+    ids = model.encode(SOURCE)[:600]
+    cut = int(len(ids) * shared)
+    other = model.encode(SOURCE[::-1])[: len(ids) - cut]
+    return model.tokenizer.decode(ids), model.tokenizer.decode(ids[:cut] + other)
+
+
+@pytest.fixture(scope="module", params=["onnx_int4_artifact", "onnx_fp32_artifact"], ids=["int4", "fp32"])
+def models(request):
+    path = request.getfixturevalue(request.param)
+    return load(path, prefill_chunk=100), load(path, prefix_cache_bytes=0)
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 0.99])
+def test_greedy_text_is_the_same_with_and_without_the_cache(models, shared):
+    cached, plain = models
+    first, second = _prompts(plain, shared)
+    reused = []
+    for prompt in (first, second, first):
+        chunks = list(cached.stream_generate(prompt, max_new_tokens=32))
+        assert "".join(c.text for c in chunks) == plain.generate(prompt, max_new_tokens=32)
+        reused.append(chunks[-1].cached_tokens)
+    n = len(plain.encode(first))
+    assert reused[1] >= shared * n - 2, reused  # the shared tokens (a token may straddle the cut)
+    if shared == 0.0:  # the other prompt took no entry: the first one's is still there, whole
+        assert reused[2] == n - 1, reused
+
+
+def test_reused_and_chunked_prefill_give_the_logits_of_a_full_prefill(models):
+    cached, plain = models
+    ids = plain.encode(SOURCE)[:700]
+    _, full = plain.engine.start([ids])
+    cached.generate(plain.tokenizer.decode(ids[:400]), max_new_tokens=1)  # leaves 400+ positions in the cache
+    chunks = list(cached.stream_generate(plain.tokenizer.decode(ids), max_new_tokens=1))
+    assert chunks[-1].cached_tokens >= 399 and chunks[-1].prompt_tokens == len(ids)
+    state, last = cached.prefix_cache.take(ids)
+    assert state is not None and last >= 700
+    cached.engine.truncate(state, 699)
+    again = cached.engine.extend(state, ids[699:])
+    # the keys and values of a position depend on its prefix only; what differs is the kernel shape (a
+    # one-token matmul against a 700-row one): fp32 accumulation order, within logit_tolerance
+    assert (again - full).abs().max().item() <= logit_tolerance(full, torch.float32)
+
+
+def test_the_cache_is_bounded_in_bytes(onnx_int4_artifact):
+    small = load(onnx_int4_artifact, prefill_chunk=64)
+    slot = small.engine.state_bytes(small.engine.start([[1, 2, 3]])[0])
+    bounded = load(onnx_int4_artifact, prefix_cache_bytes=2 * slot)
+    for i in range(5):
+        bounded.generate(f"def f{i}(x):\n    return x", max_new_tokens=2)
+        info = bounded.prefix_cache.describe()
+        assert info["bytes"] <= 2 * slot and info["entries"] <= 2
+    tiny = load(onnx_int4_artifact, prefix_cache_bytes=slot - 1)
+    tiny.generate("def f(x):", max_new_tokens=2)
+    assert tiny.prefix_cache.describe()["entries"] == 0  # an entry larger than the cache is not kept
+
+
+def test_a_cancelled_stream_leaves_a_usable_cache_and_a_long_prompt_yields_between_chunks(models):
+    cached, plain = models
+    prompt = plain.tokenizer.decode(plain.encode(SOURCE)[:650])
+    stream = cached.stream_generate(prompt, max_new_tokens=40)
+    first = next(stream)  # a prefill chunk boundary: nothing decoded yet
+    assert first.text == "" and first.finish_reason is None and first.completion_tokens == 0
+    for _ in range(5):
+        next(stream)
+    stream.close()  # the client went away
+    assert cached.generate(prompt, max_new_tokens=32) == plain.generate(prompt, max_new_tokens=32)
+
+
+def test_concurrent_requests_never_share_an_entry(models):
+    cached, plain = models
+    prompts = [plain.tokenizer.decode(plain.encode(SOURCE)[i * 50: i * 50 + 400]) for i in range(4)]
+    expected = [plain.generate(p, max_new_tokens=16) for p in prompts]
+    got: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        got[i] = cached.generate(prompts[i % 4], max_new_tokens=16)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [got[i] for i in range(8)] == expected * 2
+
+
+@pytest.mark.slow
+def test_the_server_reuses_prompts_and_reports_the_cached_tokens(onnx_int4_artifact):
+    import httpx
+
+    from tests.serving import start_server, stop_server
+
+    proc, url = start_server(onnx_int4_artifact)
+    try:
+        prefix = SOURCE[:1500]
+        body = {"prompt": prefix, "suffix": "\n    return c\n", "max_tokens": 8, "temperature": 0}
+        first = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+        typed = httpx.post(url + "/v1/completions", json={**body, "prompt": prefix + "x"}, timeout=120).json()
+        again = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert typed["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"] // 2
+        assert again["choices"][0]["text"] == first["choices"][0]["text"]
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"] // 2
+    finally:
+        stop_server(proc)
