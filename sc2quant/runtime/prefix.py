@@ -86,6 +86,13 @@ class PrefixCache:
             while sum(e[2] for e in self.entries.values()) > self.max_bytes:
                 self.entries.popitem(last=False)
 
+    def count(self, reused: int, prefilled: int) -> None:
+        """One request's prompt: `reused` tokens from an entry, `prefilled` computed."""
+        with self._lock:
+            self.hits += reused > 0
+            self.reused_tokens += reused
+            self.prefilled_tokens += prefilled
+
     def describe(self) -> dict[str, int]:
         with self._lock:
             return {"entries": len(self.entries), "bytes": sum(e[2] for e in self.entries.values()),
@@ -105,10 +112,8 @@ def prefill(engine: Extendable, ids: list[int], cache: PrefixCache | None,
     else:
         engine.truncate(state, reused)
         done, logits = reused, None
-    if cache is not None:
-        cache.hits += reused > 0
-        cache.reused_tokens += reused
-        cache.prefilled_tokens += len(ids) - reused
+    if cache is not None:  # counted under the cache's lock: requests run on several threads
+        cache.count(reused, len(ids) - reused)
     while done < len(ids):
         yield state, None, reused
         logits = engine.extend(state, ids[done:done + chunk])

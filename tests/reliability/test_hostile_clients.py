@@ -39,6 +39,13 @@ def _queued(url: str) -> int:
     return httpx.get(url + "/health", timeout=5).json()["queued"]
 
 
+def _wait_queued(url: str, n: int, deadline: float) -> None:
+    """Until the server has at least `n` requests in flight (fails at `deadline`, a monotonic time)."""
+    while _queued(url) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def _wait_idle(url: str, seconds: float = 10) -> float:
     """Seconds until the server reports nothing in flight (fails after `seconds`)."""
     t0 = time.monotonic()
@@ -175,9 +182,7 @@ def test_sigterm_under_load_stops_within_seconds(embedded_model_dir):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
-    while _queued(url) < 5:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_queued(url, 5, deadline)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -253,15 +258,11 @@ def test_sigterm_answers_queued_requests_with_503_and_ends_every_stream(embedded
     clients = [threading.Thread(target=streamed, args=("generating",))]
     clients[0].start()
     deadline = time.monotonic() + 20
-    while _queued(url) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_queued(url, 1, deadline)
     clients += [threading.Thread(target=plain, args=("queued",)), threading.Thread(target=streamed, args=("queued stream",))]
     for client in clients[1:]:
         client.start()
-    while _queued(url) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_queued(url, 3, deadline)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
