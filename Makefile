@@ -5,7 +5,7 @@ VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: install install-vllm install-gpu test lint embedded-model calib-data bench bench-modes bench-scale clean
+.PHONY: install install-vllm install-gpu test lint embedded-model calib-data bench bench-modes bench-editor bench-scale clean
 
 install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench:  ## sc2quant vs llama.cpp and transformers (~45 min on 2 cores the first 
 
 bench-modes:  ## what each CPU compute mode costs (torch engine, fp32/bf16, bnb kernels; ~20 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.modes $(BENCH_ARGS)
+
+bench-editor:  ## replayed editing sessions: sc2quant serve vs llama-server over /infill (~40 min; builds llama.cpp once)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.editor $(BENCH_ARGS)
 
 bench-scale:  ## every method on random 3B and 7B StarCoder2s: time, peak RSS, bytes (~1-2 h, ~50 GB of disk)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.scale $(BENCH_ARGS)

@@ -26,7 +26,7 @@ CACHE = Path(__file__).parent / ".cache"
 SDIST = CACHE / f"llama_cpp_python-{VERSION}"
 SOURCE = SDIST / "vendor" / "llama.cpp"
 BUILD = SOURCE / "build"
-TOOLS = ("llama-quantize", "llama-bench", "llama-imatrix")
+TOOLS = ("llama-quantize", "llama-bench", "llama-imatrix", "llama-server")  # llama-server: bench/editor.py
 # "+imatrix": quantized with an importance matrix computed by llama-imatrix on the same
 # calibration tokens GPTQ sees (llama.cpp's strongest 4-bit settings; its KL scoreboard puts
 # Q4_K_M+imatrix at about 0.4x Q4_0's KL)
@@ -52,7 +52,7 @@ def ensure_built() -> None:
             tar.extractall(CACHE, filter="data")
     console.print("building llama.cpp (about 7 minutes on 2 cores, once)")
     _run(["cmake", "-B", str(BUILD), "-S", str(SOURCE), *options, "-DLLAMA_CURL=OFF",
-          "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+          "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
           "-DCMAKE_BUILD_TYPE=Release"])
     _run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", *TOOLS, "llama"])
     marker.write_text(" ".join(options))

@@ -21,13 +21,16 @@ def embedded() -> Path:
     return resolve_source(None).path
 
 
-def random_300m(workdir: Path, seed: int = 0) -> Path:
+def random_300m(workdir: Path, seed: int = 0, decodable: bool = False) -> Path:
     """Build (once) a bf16 safetensors checkpoint from seed `seed`, with the embedded model's tokenizer.
 
     The tokenizer has 8,192 tokens and the vocabulary 49,152 rows, as in the real models' lm_head;
     the extra rows are never produced by the tokenizer but cost what they cost at every step.
+    decodable: those rows of the (tied) embedding are zero, so their logits are 0 and the largest of
+    8,192 random logits always beats them: greedy output is text the tokenizer can decode (streamed
+    text arrives token by token, as from a real model), at the same cost per step.
     """
-    out = workdir / f"starcoder2-300m-random-seed{seed}"
+    out = workdir / f"starcoder2-300m-random-seed{seed}{'-decodable' if decodable else ''}"
     if (out / "config.json").exists():
         return out
     import torch
@@ -42,12 +45,21 @@ def random_300m(workdir: Path, seed: int = 0) -> Path:
         config = Starcoder2Config(**SHAPE_300M, bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
                                   tie_word_embeddings=True, torch_dtype="bfloat16")
         model = Starcoder2ForCausalLM(config).to(torch.bfloat16)
+        if decodable:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[len_tokenizer(src):] = 0
         model.save_pretrained(tmp, safe_serialization=True)
         for f in src.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens")):
                 shutil.copy2(f, tmp / f.name)
     tmp.rename(out)
     return out
+
+
+def len_tokenizer(model_dir: Path) -> int:
+    from sc2quant.core.hf import load_tokenizer
+
+    return len(load_tokenizer(model_dir))
 
 
 def n_params(model_dir: Path) -> int:

@@ -53,7 +53,11 @@ def serve_cmd(
     = 10.0,
     prompt_cache_mb: Annotated[int, typer.Option(
         help="MiB of KV cache kept between requests: a prompt sharing a prefix with an earlier one prefills only "
-             "the rest (ONNX engine; 0 = off).")] = 1024,
+             "the rest (0 = off).")] = 1024,
+    lookup_tokens: Annotated[Optional[int], typer.Option(
+        help="Lookup decoding: draft up to N tokens from the prompt per step, kept where greedy decoding agrees "
+             "(same output; 0 = off) [default: the runtime's, sc2quant.runtime.model.DEFAULT_LOOKUP]",
+        show_default=False)] = None,
     verify: VerifyOpt = True,
     recipe: RecipeOpt = None,
     verbose: VerboseOpt = False,
@@ -80,19 +84,20 @@ def serve_cmd(
                         "only: add --engine vllm or drop it")
     if v["engine"] not in (*ENGINE_CHOICES, "vllm"):
         raise UserError(f"unknown engine '{v['engine']}': choose one of {', '.join((*ENGINE_CHOICES, 'vllm'))}")
-    not_for_vllm = {"threads", "device", "prompt_cache_mb"} & given  # --dtype is forwarded to vLLM's own --dtype
+    not_for_vllm = {"threads", "device", "prompt_cache_mb", "lookup_tokens"} & given  # --dtype is forwarded to vLLM's own --dtype
     if v["engine"] == "vllm" and not_for_vllm:
         raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(not_for_vllm))} cannot be passed to "
                         "vLLM, which sets its own threads, device and prefix cache (VLLM_CPU_OMP_THREADS_BIND, its CPU "
                         "or CUDA build, automatic prefix caching): drop it")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
-                    header_timeout=v["read_timeout"], body_timeout=v["read_timeout"],
-                    prompt_cache_bytes=v["prompt_cache_mb"] << 20)
+                    header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
     stopped_by = serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],
                        api_key=v["api_key"], allow_no_api_key=v["allow_no_api_key"], threads=v["threads"],
                        dtype=v["dtype"], engine=v["engine"],
                        vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"],
-                             "dtype": v["dtype"]})
+                             "dtype": v["dtype"]},
+                       reuse={"prefix_cache_bytes": v["prompt_cache_mb"] << 20,
+                              **({} if v["lookup_tokens"] is None else {"lookup_tokens": v["lookup_tokens"]})})
     exit_as_signalled(stopped_by)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sc2quant.runtime import Chunk
+from sc2quant.runtime.backends import add_chunk, new_row
 
 MAX_EXTRA_FILES = 64
 
@@ -79,19 +80,17 @@ class InfillTimer:
                 "tokens_cached": row["cached_tokens"], "seed": row["seed"],
                 "timings": {"prompt_n": row["prompt_tokens"] - row["cached_tokens"],
                             "prompt_ms": 1000 * (first - self.start), "predicted_n": predicted,
-                            "predicted_ms": 1000 * (end - first)}}
+                            "predicted_ms": 1000 * (end - first), "draft_n": row["draft_tokens"],
+                            "draft_n_accepted": row["draft_accepted"]}}
 
     async def events(self, chunks: AsyncIterator[Chunk], job: Any) -> AsyncIterator[str]:
         """llama-server's stream: `data: {"content": ..., "stop": false}` per piece, then the final answer
         with `"stop": true`; an error ends the stream as an `error` event."""
-        row = {"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None,
-               "cached_tokens": 0}
+        row = new_row()
         try:
             async for c in self.limit(chunks, job):
-                row.update(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens, seed=c.seed,
-                           completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens)
+                add_chunk(row, c, self.keep)
                 if c.text and self.keep:
-                    row["text"] += c.text
                     yield f"data: {json.dumps({'content': c.text, 'stop': False})}\n\n"
         except Exception as exc:  # noqa: BLE001 - after the stream started: tell the client in the stream
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n"

@@ -26,18 +26,19 @@ from sc2quant.runtime.server import Drain, Limits, Loading, create_app
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           limits: Limits = Limits(), verify: bool = True, api_key: str | None = None, allow_no_api_key: bool = False,
           threads: int | None = None, dtype: str = "auto", engine: str = "auto",
-          vllm: dict[str, Any] | None = None) -> int | None:
+          vllm: dict[str, Any] | None = None, reuse: dict[str, int] | None = None) -> int | None:
     """Check the address and the key, bind, serve at once (503 while the model loads on a thread), print
     one startup line when it is ready, serve until SIGINT/SIGTERM; return the signal that stopped it.
 
     Signals are recorded from the first line (`StopSignals`: never raised into the loading code), so
     one at any moment stops the server the same way; the caller turns it into an exit status.
     engine: "auto", "torch" or "onnx" (sc2quant's runtime), or "vllm" (a vLLM process doing the
-    generation, see `sc2quant.runtime.vllm`; `vllm` holds its options)."""
+    generation, see `sc2quant.runtime.vllm`; `vllm` holds its options). reuse: `load`'s prompt-reuse
+    options (prefix_cache_bytes, prefill_chunk, lookup_tokens) for sc2quant's runtime."""
     stop = StopSignals().install()
     try:
         _serve(stop, model_path, host, port, device, limits, verify, api_key, allow_no_api_key, threads, dtype, engine,
-               vllm or {})
+               vllm or {}, reuse or {})
     finally:
         stop.restore()
     return stop.signum
@@ -45,12 +46,14 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, dev
 
 def _serve(stop: StopSignals, model_path: str | None, host: str, port: int, device: str, limits: Limits, verify: bool,
            api_key: str | None, allow_no_api_key: bool, threads: int | None, dtype: str, engine: str,
-           vllm: dict[str, Any]) -> None:
+           vllm: dict[str, Any], reuse: dict[str, int]) -> None:
     from sc2quant.core.source import resolve_source
     from sc2quant.embedded import EMBEDDED_MODEL_DIR
     from sc2quant.runtime.http_guard import bind, is_loopback
+    from sc2quant.runtime.model import check_reuse
 
     limits.check()
+    check_reuse(**reuse)
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty: give a non-empty --api-key (or SC2QUANT_API_KEY)")
     if not is_loopback(host) and api_key is None and not allow_no_api_key:
@@ -61,7 +64,7 @@ def _serve(stop: StopSignals, model_path: str | None, host: str, port: int, devi
     sock = bind(host, port)
     loading = Loading()
     open_backend = functools.partial(_open_backend, source.path, name, device, verify, threads, dtype, engine,
-                                     limits.concurrency, limits.prompt_cache_bytes, vllm)
+                                     limits.concurrency, reuse, vllm)
     try:
         if stop.signum is None:
             _run(stop, sock, loading, open_backend, name, f"[{host}]" if ":" in host else host, port, limits, api_key,
@@ -74,7 +77,7 @@ def _serve(stop: StopSignals, model_path: str | None, host: str, port: int, devi
 
 
 def _open_backend(path: Path, name: str, device: str, verify: bool, threads: int | None, dtype: str, engine: str,
-                  concurrency: int, prompt_cache_bytes: int, vllm: dict[str, Any]) -> Backend:
+                  concurrency: int, reuse: dict[str, int], vllm: dict[str, Any]) -> Backend:
     if engine == "vllm":
         from sc2quant.runtime.vllm import VllmBackend
 
@@ -83,7 +86,7 @@ def _open_backend(path: Path, name: str, device: str, verify: bool, threads: int
     from sc2quant.runtime.backends import LocalBackend
 
     model = load(path, device=device, verify=verify, threads=threads, dtype=dtype, engine=engine,
-                 prefix_cache_bytes=prompt_cache_bytes)
+                 **reuse)
     return LocalBackend(model, concurrency)
 
 

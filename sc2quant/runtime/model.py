@@ -22,9 +22,12 @@ from sc2quant.core.console import api_output
 from sc2quant.core.errors import UserError
 from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
-from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, Extendable, PrefixCache, prefill
+from sc2quant.runtime.lookup import Drafter, trusted, verify
+from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, PrefixCache, extendable, prefill
 
 MAX_NEW_TOKENS_LIMIT = 8192
+DEFAULT_LOOKUP = 0  # draft tokens per lookup (0: off); see bench/editor.py
+MAX_LOOKUP = 32
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 16  # OpenAI's API takes 4; more is allowed here, never an unbounded list
 MAX_STOP_CHARS = 1000  # per stop string
@@ -82,13 +85,15 @@ class Chunk:
     completion_tokens: int
     seed: int
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    draft_tokens: int = 0  # lookup decoding so far: tokens drafted, and of them kept (runtime/lookup.py)
+    draft_accepted: int = 0
 
 
 @api_output("load")
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
          dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
          static_cache: bool | None = None, prefix_cache_bytes: int = DEFAULT_CACHE_BYTES,
-         prefill_chunk: int = DEFAULT_CHUNK) -> Model:
+         prefill_chunk: int = DEFAULT_CHUNK, lookup_tokens: int = DEFAULT_LOOKUP) -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
 
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
@@ -98,8 +103,9 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     cannot take or verify=False, and then in torch, said once on stderr), "torch" or "onnx".
     static_cache: the torch engine's static KV cache and captured decode graphs (None: on CUDA
     only; see runtime/engines/torch_engine.py). prefix_cache_bytes: KV kept between requests for
-    prompt reuse (0: none), prefill_chunk: tokens per prefill call, on engines that extend a cached
-    sequence (ONNX; see runtime/prefix.py).
+    prompt reuse (0: none), prefill_chunk: tokens per prefill call, lookup_tokens: draft tokens per
+    step of lookup decoding (greedy, one prompt; 0: off), on engines that extend a cached sequence
+    (ONNX, torch's dynamic cache; see runtime/prefix.py and runtime/lookup.py).
     """
     from sc2quant.core.console import console
     from sc2quant.core.hf import COMPUTE_DTYPES, read_config, resolve_device
@@ -110,6 +116,7 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
 
     if dtype not in COMPUTE_DTYPES:
         raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(COMPUTE_DTYPES)}")
+    check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens)
     source = resolve_source(path)
     manifest = None
     if artifact.is_artifact(source.path):
@@ -130,7 +137,19 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     set_threads(threads)
     opened = open_engine(chosen, kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
                                                                profile_dir=profile_dir, static_cache=static_cache))
-    return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
+    return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,
+                 lookup_tokens=lookup_tokens)
+
+
+def check_reuse(prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK,
+                lookup_tokens: int = DEFAULT_LOOKUP) -> None:
+    """The prompt-reuse options of `load` (the server checks them before it binds)."""
+    if prefix_cache_bytes < 0:
+        raise UserError(f"the prompt cache must be 0 (no prompt reuse) or more, got {prefix_cache_bytes} bytes")
+    if prefill_chunk < 1:
+        raise UserError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
+    if not 0 <= lookup_tokens <= MAX_LOOKUP:
+        raise UserError(f"lookup tokens must be 0 (off) to {MAX_LOOKUP}, got {lookup_tokens}")
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -152,15 +171,14 @@ class Model:
     """A loaded model: `stream_generate` (and `generate`, `stream`, `infill`, `logits`) over any engine."""
 
     def __init__(self, engine: Engine, path: Path, manifest: artifact.Manifest | None = None,
-                 prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK) -> None:
-        if prefill_chunk < 1 or prefix_cache_bytes < 0:
-            raise UserError(f"prefill_chunk must be at least 1 and prefix_cache_bytes at least 0, got {prefill_chunk} "
-                            f"and {prefix_cache_bytes}")
+                 prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK,
+                 lookup_tokens: int = DEFAULT_LOOKUP) -> None:
+        check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens)
         self.engine = engine
         # prompt reuse and chunked prefill where the engine can extend a cached sequence (runtime/prefix.py)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if isinstance(engine, Extendable) and prefix_cache_bytes \
-            else None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if extendable(engine) and prefix_cache_bytes else None
         self.prefill_chunk = prefill_chunk
+        self.lookup_tokens = lookup_tokens if extendable(engine) else 0  # runtime/lookup.py
         self.path = path
         self.manifest = manifest
         self.tokenizer = engine.tokenizer
@@ -232,31 +250,50 @@ class Model:
         budget = min(s.max_new_tokens, self.context - max(len(p) for p in prompts))
         rows = [_Row(len(p), s.stop) for p in prompts]
         kv_ids, cached = None, 0  # one prompt on an Extendable engine: the token ids its KV holds
-        if len(prompts) == 1 and isinstance(self.engine, Extendable):
+        drafter = None  # lookup decoding: greedy, one prompt, an Extendable engine
+        if len(prompts) == 1 and extendable(self.engine):
             for state, logits, cached in prefill(self.engine, prompts[0], self.prefix_cache, self.prefill_chunk):  # noqa: B007
                 if logits is None:  # between prefill chunks: a place to stop a cancelled stream
                     yield Chunk(0, "", None, rows[0].prompt_tokens, 0, seed, cached)
             kv_ids = list(prompts[0])
+            if self.lookup_tokens and s.temperature == 0:
+                drafter = Drafter(prompts[0], len(prompts[0]) + budget)
         else:
             state, logits = self.engine.start(prompts)
+
+        def drafted() -> tuple[int, int]:
+            return (drafter.proposed, drafter.accepted) if drafter is not None else (0, 0)
+
         completed = False
+        pending: list[int] = []  # draft tokens verified as greedy's picks: already in the KV, not yet shown
         try:
-            for _ in range(budget):
-                tokens = self._sample(logits, s, gen)
+            for n in range(budget):
+                drafted_token = bool(pending)  # its keys and values are in the state, and the logits after it
+                tokens = torch.tensor([pending.pop(0)]) if pending else self._sample(logits, s, gen)
                 for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
                     if row.finish is None:
                         piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
                         if piece or row.finish:
-                            yield Chunk(i, piece, row.finish, row.prompt_tokens, len(row.ids), seed, cached)
+                            yield Chunk(i, piece, row.finish, row.prompt_tokens, len(row.ids), seed, cached,
+                                        *drafted())
                 if all(r.finish for r in rows):
                     completed = True
                     return
-                logits = self.engine.step(state, tokens)
+                if drafter is not None:
+                    drafter.add(int(tokens[0]))
+                if drafted_token or n == budget - 1:  # already computed, or the last token: nothing to run
+                    continue
+                draft = drafter.draft(min(self.lookup_tokens, budget - n - 2)) if drafter is not None else []
+                if draft:
+                    pending, logits = self._speculate(state, int(tokens[0]), draft, drafter)  # type: ignore[arg-type]
+                else:
+                    logits = self.engine.step(state, tokens)
                 if kv_ids is not None:
-                    kv_ids.append(int(tokens[0]))
+                    kv_ids += [int(tokens[0]), *pending]
             for i, row in enumerate(rows):
                 if row.finish is None:
-                    yield Chunk(i, row.flush(self.tokenizer), "length", row.prompt_tokens, len(row.ids), seed, cached)
+                    yield Chunk(i, row.flush(self.tokenizer), "length", row.prompt_tokens, len(row.ids), seed, cached,
+                                *drafted())
             completed = True
         except GeneratorExit:  # the caller stopped reading (a cancelled stream): the state is whole
             completed = True
@@ -264,6 +301,23 @@ class Model:
         finally:
             if completed and kv_ids is not None and self.prefix_cache is not None:
                 self.prefix_cache.put(kv_ids, state, self.engine.state_bytes(state))
+
+    def _speculate(self, state: Any, token: int, draft: list[int], drafter: Drafter) -> tuple[list[int], torch.Tensor]:
+        """Run `token` and a lookup draft in one forward; the draft tokens greedy decoding picks
+        (kept in the KV, the rest cut off) and the logits after the last of them."""
+        engine: Any = self.engine
+        before = drafter.length - 1  # positions in the KV before `token`
+        logits = engine.extend(state, [token, *draft], all_positions=True)
+        rows = logits.numpy()  # a view: CPU float32 from every engine
+        kept = verify(draft, rows, engine.kernel_tolerance)
+        drafter.count(len(draft), kept)
+        following = logits[kept: kept + 1]  # the logits after the last token kept
+        if not trusted(rows[kept: kept + 1], engine.kernel_tolerance)[0]:  # a near tie: run that position as plain decoding does
+            engine.truncate(state, before + kept)
+            return draft[:kept], engine.step(state, torch.tensor([[token, *draft][kept]]))
+        if kept < len(draft):
+            engine.truncate(state, before + 1 + kept)
+        return draft[:kept], following
 
     @staticmethod
     def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Editors re-send nearly the same fill-in-the-middle prompt on every pause in typing. An engine
 that can extend a cached sequence (`Extendable`: the ONNX engine, whose KV cache holds every
-position of the context, so the sliding window still holds) keeps each finished request's KV
+position of the context, and the torch engine's dynamic cache, made without window-sized layers
+for one row, so the sliding window still holds: the attention mask applies it) keeps each finished request's KV
 and token ids here; the next request takes the entry sharing the longest token prefix with it,
 cuts it back to that prefix and prefills only the rest. Keys and values at a position depend on
 the tokens up to it alone, so the result is the same as prefilling the whole prompt (tested bit
@@ -27,14 +28,20 @@ DEFAULT_CACHE_BYTES = 1 << 30  # one 3B fp32 slot at its full 16,384-token conte
 # tokens per prefill call: the fastest of 64-1024 for a 1,000-token prompt on the 315M and the embedded
 # models' int4 exports (python -m bench.prefill; bench/results/*-prefill-*.md), and bounded activations
 DEFAULT_CHUNK = 128
+# an entry is taken by a request sharing more than this fraction of its tokens (llama-server's default
+# --slot-prompt-similarity); others start a state of their own and leave the entry to its session
+MIN_SHARE = 0.1
 
 
 @runtime_checkable
 class Extendable(Protocol):
     """An engine whose batch-1 state can be cut back and extended (see the module docstring)."""
 
-    def extend(self, state: Any, ids: list[int]) -> torch.Tensor:
-        """Append `ids` to a batch-1 state; float32 logits [1, V] of the last one."""
+    can_extend: bool  # False where this engine's states cannot be (the torch engine's static cache)
+    kernel_tolerance: float  # relative logit difference between a one-token and a many-token forward (lookup.py)
+
+    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Append `ids` to a batch-1 state; float32 logits [1, V] of the last one (all_positions: [n, V])."""
         ...
 
     def truncate(self, state: Any, length: int) -> None:
@@ -43,6 +50,10 @@ class Extendable(Protocol):
 
     def state_bytes(self, state: Any) -> int:
         ...
+
+
+def extendable(engine: object) -> bool:
+    return isinstance(engine, Extendable) and engine.can_extend
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -66,13 +77,14 @@ class PrefixCache:
 
     def take(self, ids: list[int]) -> tuple[Any | None, int]:
         """The entry sharing the longest prefix with `ids` (removed until `put` back) and that length;
-        None when no entry shares a token (every entry stays for the requests it serves)."""
+        None when none shares more than MIN_SHARE of `ids`: an entry another session (another file)
+        will want again is not overwritten for a few shared tokens."""
         with self._lock:
             best, shared = None, 0
             for key, (cached, _, _) in self.entries.items():
                 if (n := common_prefix(cached, ids)) > shared:
                     best, shared = key, n
-            if best is None:
+            if best is None or shared <= MIN_SHARE * len(ids):
                 return None, 0
             return self.entries.pop(best)[1], shared
 
@@ -105,10 +117,16 @@ def prefill(engine: Extendable, ids: list[int], cache: PrefixCache | None,
     """Prefill one prompt, reusing the cache's longest shared prefix; yields (state, logits, reused)
     after each chunk, logits None until the last one."""
     state, shared = cache.take(ids) if cache is not None else (None, 0)
-    reused = min(shared, len(ids) - 1)  # at least the last token is computed: its logits are needed
+    # at least the last two tokens are computed: the last one's logits are needed, and a one-token
+    # forward rounds unlike the many-token prefill of the same prompt without the cache (lookup.py)
+    reused = max(0, min(shared, len(ids) - 2))
+
+    def end(done: int) -> int:  # the next chunk's end; never a one-token chunk last
+        return len(ids) if len(ids) - done <= chunk + 1 else done + chunk
+
     if state is None:
-        state, logits = engine.start([ids[:chunk]])  # type: ignore[attr-defined]
-        done = min(chunk, len(ids))
+        done = end(0)
+        state, logits = engine.start([ids[:done]])  # type: ignore[attr-defined]
     else:
         engine.truncate(state, reused)
         done, logits = reused, None
@@ -116,6 +134,6 @@ def prefill(engine: Extendable, ids: list[int], cache: PrefixCache | None,
         cache.count(reused, len(ids) - reused)
     while done < len(ids):
         yield state, None, reused
-        logits = engine.extend(state, ids[done:done + chunk])
-        done += min(chunk, len(ids) - done)
+        logits = engine.extend(state, ids[done:end(done)])
+        done = end(done)
     yield state, logits, reused

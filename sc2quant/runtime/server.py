@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sc2quant.core.errors import UserError
 from sc2quant.core.tokens import fim_prompt
 from sc2quant.runtime import Chunk
-from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable
+from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
 from sc2quant.runtime.infill import InfillRequest, InfillTimer
 
 MAX_BODY_BYTES = 1 << 20
@@ -57,15 +57,12 @@ class Limits:
     header_timeout: float = 10.0  # seconds for a request line and headers
     body_timeout: float = 10.0  # seconds between two pieces of a request body
     graceful_timeout: float = 3.0  # seconds in-flight requests get when the server stops
-    prompt_cache_bytes: int = 1 << 30  # KV kept between requests for prompt reuse (sc2quant's ONNX engine)
 
     def check(self) -> None:
         if self.concurrency < 1 or self.max_queue < 0 or self.max_connections < 2:
             raise UserError("--concurrency must be at least 1, --max-queue at least 0 and --max-connections at least 2")
         if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
             raise UserError("--read-timeout must be between 0 and 3600 seconds")
-        if self.prompt_cache_bytes < 0:
-            raise UserError("--prompt-cache-mb must be 0 (no prompt reuse) or more")
 
     def describe(self) -> str:
         return (f"{self.concurrency} generating, {self.max_queue} queued, {self.max_connections} connections, "
@@ -300,6 +297,10 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
                      "completion_tokens": sum(r["completion_tokens"] for r in rows)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             usage["prompt_tokens_details"] = {"cached_tokens": sum(r["cached_tokens"] for r in rows)}  # as OpenAI's
+            accepted = sum(r["draft_accepted"] for r in rows)  # lookup decoding, as OpenAI's predicted outputs
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                  "rejected_prediction_tokens": sum(r["draft_tokens"] for r in rows)
+                                                  - accepted}
             choices = [{"text": (p if req.echo else "") + r["text"], "index": i, "logprobs": None,
                         "finish_reason": r["finish_reason"]} for i, (p, r) in enumerate(zip(prompts, rows))]
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
@@ -367,13 +368,9 @@ async def _cancel_on_disconnect(request: HttpRequest, job: Stream) -> None:
 
 
 async def _collect(job: AsyncIterator[Chunk], n: int) -> list[dict[str, Any]]:
-    rows = [{"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None,
-             "cached_tokens": 0} for _ in range(n)]
+    rows = [new_row() for _ in range(n)]
     async for c in job:
-        row = rows[c.row]
-        row["text"] += c.text
-        row.update(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                   seed=c.seed, cached_tokens=c.cached_tokens)
+        add_chunk(rows[c.row], c)
     return rows
 
 

@@ -52,7 +52,7 @@ def test_llama_vscode_requests_get_llama_server_answers(served):
     assert got["content"] == _expected(model, VSCODE) and got["content"] and got["stop"] is True
     alone = httpx.post(url + "/infill", json={**VSCODE, "input_extra": []}, timeout=60).json()
     assert alone["content"] != got["content"]  # the other file was in the prompt
-    assert got["tokens_cached"] >= got["tokens_evaluated"] - 1  # the warm-up filled the cache: nothing to prefill
+    assert got["tokens_cached"] >= got["tokens_evaluated"] - 2  # the warm-up filled the cache: the last two prefilled
     assert got["timings"]["predicted_n"] == got["tokens_predicted"] <= 16
 
 

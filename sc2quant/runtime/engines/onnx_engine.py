@@ -25,6 +25,7 @@ from sc2quant.core.files import read_json
 from sc2quant.core.hf import check_genai_sizes, load_tokenizer
 from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
 from sc2quant.runtime.engines.base import EngineOptions
+from sc2quant.runtime.lookup import INT8_ACTIVATIONS
 
 
 @dataclass
@@ -117,14 +118,19 @@ class OnnxEngine:
         logits = self._run(state, ids, state.lengths)
         return torch.from_numpy(logits[:, -1].astype(np.float32, copy=False))
 
-    def extend(self, state: OnnxState, ids: list[int]) -> torch.Tensor:
+    can_extend = True
+    # its int4/int8 MatMulNBits quantize activations to int8 (the bound holds a fortiori for float graphs)
+    kernel_tolerance = INT8_ACTIVATIONS
+
+    def extend(self, state: OnnxState, ids: list[int], all_positions: bool = False) -> torch.Tensor:
         """Prefill more tokens into a batch-1 state: GroupQueryAttention with past reads the cached
-        positions and writes the new ones in place (chunked prefill, prompt reuse)."""
+        positions and writes the new ones in place (chunked prefill, prompt reuse, lookup decoding).
+        Float32 logits of the last token [1, V] (all_positions: of each, [n, V])."""
         if len(state.lengths) != 1 or not ids:
             raise UserError("extend takes one row and at least one token")
         state.lengths = [state.lengths[0] + len(ids)]
         logits = self._run(state, np.asarray([ids], dtype=np.int64), state.lengths)
-        return torch.from_numpy(logits[:, -1].astype(np.float32, copy=True))
+        return torch.from_numpy((logits[0] if all_positions else logits[:, -1]).astype(np.float32, copy=True))
 
     def truncate(self, state: OnnxState, length: int) -> None:
         """Forget positions from `length` on (the buffers keep them until overwritten; GQA reads

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_model
 from sc2quant.formats import get_format
 from sc2quant.runtime.engines.base import EngineOptions
+from sc2quant.runtime.lookup import kernel_tolerance
 
 MIN_BUCKET = 256  # the smallest static cache, in tokens
 
@@ -70,7 +72,11 @@ class TorchEngine:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # one row: a cache of every position (no config: no window-sized layers), so it can be cut back
+        # and extended (prompt reuse, lookup decoding); the attention mask still applies the window
+        cache = DynamicCache() if len(prompts) == 1 else None
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
         state = {"cache": out.cache, "mask": mask, "next_pos": positions[:, -1] + 1}
         return state, out.logits[:, -1].float().cpu()
 
@@ -84,6 +90,44 @@ class TorchEngine:
         state["cache"] = out.cache
         state["next_pos"] = state["next_pos"] + 1
         return out.logits[:, -1].float().cpu()
+
+    # --- prompt reuse and lookup decoding (sc2quant.runtime.prefix.Extendable) ----------------
+
+    @property
+    def can_extend(self) -> bool:
+        """Every state but the static cache's (one shared buffer per bucket) can be kept and extended."""
+        return not self.static
+
+    @torch.inference_mode()
+    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Append `ids` to a one-row state; float32 logits of the last token [1, V] (all_positions: of each, [n, V])."""
+        if len(state["mask"]) != 1 or not ids or "bucket" in state:
+            raise UserError("extend takes one row of the dynamic cache and at least one token")
+        n = len(ids)
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(1, n)], dim=1)
+        positions = state["next_pos"].view(1, 1) + torch.arange(n, device=self.device).view(1, -1)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), attention_mask=state["mask"],
+                         position_ids=positions, cache=state["cache"], use_cache=True,
+                         logits_to_keep=0 if all_positions else 1)
+        state["cache"] = out.cache
+        state["next_pos"] = state["next_pos"] + n
+        return out.logits[0].float().cpu() if all_positions else out.logits[:, -1].float().cpu()
+
+    def truncate(self, state: Any, length: int) -> None:
+        """Forget every position from `length` on."""
+        for layer in state["cache"].layers:
+            if layer.is_initialized and layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())
+        state["mask"] = state["mask"][:, :length]
+        state["next_pos"] = state["next_pos"].clamp(max=length)
+
+    @property
+    def kernel_tolerance(self) -> float:
+        return kernel_tolerance(next(self.model.parameters()).dtype)
+
+    def state_bytes(self, state: Any) -> int:
+        return sum(t.numel() * t.element_size() for layer in state["cache"].layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))
 
     # --- one prompt from a static cache, decoded by a captured graph on CUDA ------------------
 
