@@ -50,7 +50,7 @@ def logit_tolerance(logits, dtype) -> float:
 
     import torch
 
-    magnitude = float(logits.abs().max())
+    magnitude = float(abs(logits).max())  # a torch tensor or a numpy array
     step = torch.finfo(dtype).eps * 2 ** math.floor(math.log2(magnitude)) if magnitude else 0.0
     return 2 * step + 64 * torch.finfo(torch.float32).eps * magnitude
 

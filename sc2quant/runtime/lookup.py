@@ -22,7 +22,6 @@ next token is not trusted, its position is run again alone, as plain decoding ru
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 MAX_NGRAM = 3  # the longest suffix of the sequence looked up
 MIN_NGRAM = 2  # the shortest: one shared token predicts little (measured: more drafts, fewer kept)
@@ -33,12 +32,10 @@ MIN_NGRAM = 2  # the shortest: one shared token predicts little (measured: more 
 INT8_ACTIVATIONS = 4 / (127 * 12**0.5)
 
 
-def kernel_tolerance(dtype: torch.dtype | None) -> float:
-    """A float compute dtype: two of its rounding steps (the logits are rounded to it) plus 64 fp32
-    epsilons of accumulation order; None: int8 activations."""
-    if dtype is None:
-        return INT8_ACTIVATIONS
-    return 2 * torch.finfo(dtype).eps + 64 * torch.finfo(torch.float32).eps
+def kernel_tolerance(eps: float) -> float:
+    """A float compute dtype of machine epsilon `eps`: two of its rounding steps (the logits are
+    rounded to it) plus 64 fp32 epsilons of accumulation order."""
+    return 2 * eps + 64 * float(np.finfo(np.float32).eps)
 
 
 class Drafter:

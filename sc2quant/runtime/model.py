@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from sc2quant.core import artifact
 from sc2quant.core.console import api_output
@@ -189,7 +189,10 @@ class Model:
     def kind(self) -> str:
         return self.engine.kind
 
-    def logits(self, token_ids: torch.Tensor | list[list[int]] | list[int]) -> torch.Tensor:
+    def logits(self, token_ids: Any) -> Any:
+        """Every position's float32 logits as a torch tensor [B, T, V] (evaluation: needs torch)."""
+        import torch
+
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         return self.engine.logits(ids.view(1, -1) if ids.dim() == 1 else ids)
 
@@ -246,7 +249,7 @@ class Model:
     def _decode(self, prompts: list[list[int]], s: Sampling) -> Iterator[Chunk]:
         """The loop every entry point shares: prefill, then one token per row per step."""
         seed = s.resolved_seed()
-        gen = torch.Generator().manual_seed(seed)
+        gen = np.random.default_rng(seed)
         budget = min(s.max_new_tokens, self.context - max(len(p) for p in prompts))
         rows = [_Row(len(p), s.stop) for p in prompts]
         kv_ids, cached = None, 0  # one prompt on an Extendable engine: the token ids its KV holds
@@ -269,7 +272,7 @@ class Model:
         try:
             for n in range(budget):
                 drafted_token = bool(pending)  # its keys and values are in the state, and the logits after it
-                tokens = torch.tensor([pending.pop(0)]) if pending else self._sample(logits, s, gen)
+                tokens = np.array([pending.pop(0)]) if pending else self._sample(logits, s, gen)
                 for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
                     if row.finish is None:
                         piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
@@ -302,35 +305,41 @@ class Model:
             if completed and kv_ids is not None and self.prefix_cache is not None:
                 self.prefix_cache.put(kv_ids, state, self.engine.state_bytes(state))
 
-    def _speculate(self, state: Any, token: int, draft: list[int], drafter: Drafter) -> tuple[list[int], torch.Tensor]:
+    def _speculate(self, state: Any, token: int, draft: list[int], drafter: Drafter) -> tuple[list[int], np.ndarray]:
         """Run `token` and a lookup draft in one forward; the draft tokens greedy decoding picks
         (kept in the KV, the rest cut off) and the logits after the last of them."""
         engine: Any = self.engine
         before = drafter.length - 1  # positions in the KV before `token`
         logits = engine.extend(state, [token, *draft], all_positions=True)
-        rows = logits.numpy()  # a view: CPU float32 from every engine
-        kept = verify(draft, rows, engine.kernel_tolerance)
+        kept = verify(draft, logits, engine.kernel_tolerance)
         drafter.count(len(draft), kept)
         following = logits[kept: kept + 1]  # the logits after the last token kept
-        if not trusted(rows[kept: kept + 1], engine.kernel_tolerance)[0]:  # a near tie: run that position as plain decoding does
+        if not trusted(following, engine.kernel_tolerance)[0]:  # a near tie: run that position as plain decoding does
             engine.truncate(state, before + kept)
-            return draft[:kept], engine.step(state, torch.tensor([[token, *draft][kept]]))
+            return draft[:kept], engine.step(state, np.array([[token, *draft][kept]]))
         if kept < len(draft):
             engine.truncate(state, before + 1 + kept)
         return draft[:kept], following
 
     @staticmethod
-    def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+    def _sample(logits: np.ndarray, s: Sampling, gen: np.random.Generator) -> np.ndarray:
+        """One token id per row of logits [B, V]: the largest (greedy), or drawn from the softmax at the
+        temperature within the top_p nucleus (float64: no underflow to an empty nucleus)."""
         if s.temperature == 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / s.temperature, dim=-1)
+        z = logits.astype(np.float64) / s.temperature
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
         if s.top_p < 1:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
-            keep[..., 0] = True  # the top token, whatever top_p rounds to in the logits' dtype
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).view(-1)
+            order = np.argsort(-probs, axis=-1, kind="stable")
+            sorted_p = np.take_along_axis(probs, order, -1)
+            keep = np.cumsum(sorted_p, -1) - sorted_p < s.top_p
+            keep[:, 0] = True  # the top token, whatever top_p rounds to
+            probs = np.zeros_like(probs)
+            np.put_along_axis(probs, order, sorted_p * keep, -1)
+        cdf = np.cumsum(probs, -1)
+        draws = gen.random(len(cdf)) * cdf[:, -1]
+        return np.array([min(int(np.searchsorted(c, u, side="right")), len(c) - 1) for c, u in zip(cdf, draws)])
 
 
 class StopFilter:

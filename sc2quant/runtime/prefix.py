@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
 DEFAULT_CACHE_BYTES = 1 << 30  # one 3B fp32 slot at its full 16,384-token context, many smaller ones
 # tokens per prefill call: the fastest of 64-1024 for a 1,000-token prompt on the 315M and the embedded
@@ -40,7 +40,7 @@ class Extendable(Protocol):
     can_extend: bool  # False where this engine's states cannot be (the torch engine's static cache)
     kernel_tolerance: float  # relative logit difference between a one-token and a many-token forward (lookup.py)
 
-    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Append `ids` to a batch-1 state; float32 logits [1, V] of the last one (all_positions: [n, V])."""
         ...
 
@@ -113,7 +113,7 @@ class PrefixCache:
 
 
 def prefill(engine: Extendable, ids: list[int], cache: PrefixCache | None,
-            chunk: int) -> Iterator[tuple[Any, torch.Tensor | None, int]]:
+            chunk: int) -> Iterator[tuple[Any, np.ndarray | None, int]]:
     """Prefill one prompt, reusing the cache's longest shared prefix; yields (state, logits, reused)
     after each chunk, logits None until the last one."""
     state, shared = cache.take(ids) if cache is not None else (None, 0)

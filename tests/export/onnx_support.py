@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +48,9 @@ def window(model) -> int:
     return int(model.config.sliding_window)
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+def max_err(a: Any, b: Any) -> float:
+    """Largest absolute difference of two logit arrays (torch tensors or numpy arrays)."""
+    return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
 
 
 def load_proto(path: Path):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sc2quant.core.data import eval_documents
 from sc2quant.core.tokens import fim_prompt
 from sc2quant.runtime import load
 from sc2quant.runtime.lookup import Drafter, verify
-from tests.runtime.prefix_engines import ENGINES
+from tests.runtime.prefix_engines import ENGINES, check_greedy
 
 
 def test_the_drafter_proposes_what_followed_the_latest_match_longest_ngram_first():
@@ -61,41 +60,13 @@ def pair(request):
                                                                            prefix_cache_bytes=0)
 
 
-def _greedy(plain, prompt: str, steps: int) -> tuple[list[int], list[float]]:
-    """Plain greedy decoding one token per forward, with each step's top-two margin relative to
-    twice the engine's kernel tolerance (below 1: a tie that rounding may break either way)."""
-    engine = plain.engine
-    state, logits = engine.start([plain.encode(prompt)])
-    ids, margins = [], []
-    for _ in range(steps):
-        row = logits[0].numpy().copy()
-        top = np.sort(row)[-2:]
-        margins.append(float(top[1] - top[0]) / (2 * engine.kernel_tolerance * float(np.abs(row).max())))
-        ids.append(int(row.argmax()))
-        if len(ids) < steps:
-            logits = engine.step(state, torch.tensor(ids[-1:]))
-    return ids, margins
-
-
-def _check_greedy(plain, prompt: str, text: str, steps: int) -> bool:
-    """`text` is plain greedy decoding's, or leaves it only where greedy decoding met a tie within the
-    kernels' rounding (bf16 logits tie exactly at times). True when identical."""
-    expected = plain.generate(prompt, max_new_tokens=steps)
-    if text == expected:
-        return True
-    ids, margins = _greedy(plain, prompt, steps)
-    first = next(i for i in range(steps) if not text.startswith(plain.tokenizer.decode(ids[: i + 1])))
-    assert margins[first] <= 1, (first, margins[first], text, expected)
-    return False
-
-
 def test_lookup_decoding_gives_greedy_text_and_keeps_and_rejects_drafts(pair):
     looked, plain = pair
     proposed = accepted = identical = 0
     prompts = _fim_prompts(plain)
     for prefix, suffix in prompts:
         chunks = list(looked.stream_generate(prefix, max_new_tokens=48, suffix=suffix))
-        identical += _check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), 48)
+        identical += check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), 48)
         proposed += chunks[-1].draft_tokens
         accepted += chunks[-1].draft_accepted
     # both outcomes happened: drafts kept (tokens skipped) and drafts cut back (the state truncated)
@@ -110,7 +81,7 @@ def test_the_state_after_lookup_is_what_the_next_request_reuses(pair):
     typed = prefix + "    "  # the user typed on: the cached KV of the first request (drafts included) is reused
     chunks = list(looked.stream_generate(typed, max_new_tokens=40, suffix=suffix))
     assert chunks[-1].cached_tokens > len(plain.encode(prefix)) // 2
-    _check_greedy(plain, fim_prompt(typed, suffix), "".join(c.text for c in chunks), 40)
+    check_greedy(plain, fim_prompt(typed, suffix), "".join(c.text for c in chunks), 40)
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 9])
@@ -119,7 +90,7 @@ def test_drafts_never_run_past_the_token_budget(pair, budget):
     prefix, suffix = _fim_prompts(plain, 1)[0]
     chunks = list(looked.stream_generate(prefix, max_new_tokens=budget, suffix=suffix))
     assert chunks[-1].completion_tokens <= budget
-    _check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), budget)
+    check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), budget)
 
 
 def test_drafts_never_run_past_the_context(pair):
@@ -129,7 +100,7 @@ def test_drafts_never_run_past_the_context(pair):
     n = len(plain.encode(prompt))
     chunks = list(looked.stream_generate(prompt, max_new_tokens=64))
     assert chunks[-1].completion_tokens <= plain.context - n
-    _check_greedy(plain, prompt, "".join(c.text for c in chunks), min(64, plain.context - n))
+    check_greedy(plain, prompt, "".join(c.text for c in chunks), min(64, plain.context - n))
 
 
 def test_sampling_and_batches_decode_without_drafts(pair):

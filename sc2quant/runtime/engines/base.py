@@ -3,8 +3,11 @@ of them runs an artifact is its format's choice (`sc2quant.formats`); engines on
 streaming and fill-in-the-middle live in `sc2quant.runtime.model`, written once for all.
 
 Threads are handled the same way for every engine: `sc2quant.runtime.load` sets torch's
-thread count for the process and passes the same count to the engine (ONNX Runtime's
-session uses it for its intra-op pool).
+thread count for the process (where torch is installed) and passes the same count to the engine
+(ONNX Runtime's session uses it for its intra-op pool).
+
+Generation speaks numpy (token ids in, float32 logits out), so the ONNX engine and everything
+above it run without torch (the base install); `logits`, for evaluation, returns a torch tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -34,16 +37,16 @@ class Engine(Protocol):
     tokenizer: Any  # a transformers tokenizer
     context: int  # the longest sequence (prompt + generated tokens) the engine accepts
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Full forward without cache: input_ids [B, T] (right-padded) -> float32 logits [B, T, V] on CPU."""
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> Any:
+        """Full forward without cache: input_ids [B, T] (right-padded) -> a float32 torch tensor [B, T, V] on CPU."""
         ...
 
-    def start(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+    def start(self, prompts: list[list[int]]) -> tuple[Any, np.ndarray]:
         """Prefill prompts of different lengths; return (cache state, float32 logits [B, V] of each last token)."""
         ...
 
-    def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (tokens [B]) to the cache; return float32 logits [B, V]."""
+    def step(self, state: Any, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per row (token ids [B]) to the cache; return float32 logits [B, V]."""
         ...
 
     def weight_bytes(self) -> int:

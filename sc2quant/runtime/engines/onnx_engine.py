@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sc2quant.core.artifact import GENAI_CONFIG, read_genai_config
 from sc2quant.core.errors import UserError
@@ -89,16 +88,18 @@ class OnnxEngine:
 
     # --- Engine protocol -------------------------------------------------------------------
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> Any:
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         lengths = [int(n) for n in mask.sum(axis=1)]
         if not np.array_equal(mask, np.arange(ids.shape[1])[None, :] < np.array(lengths)[:, None]):
             raise UserError("the ONNX engine needs right-padded batches (attention_mask 1...1 0...0 per row)")
         state = self._new_state(lengths)
+        import torch  # evaluation only: generation needs no torch
+
         return torch.from_numpy(self._run(state, ids, lengths).astype(np.float32))
 
-    def start(self, prompts: list[list[int]]) -> tuple[OnnxState, torch.Tensor]:
+    def start(self, prompts: list[list[int]]) -> tuple[OnnxState, np.ndarray]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         lengths = [len(p) for p in prompts]
@@ -108,21 +109,21 @@ class OnnxEngine:
         state = self._new_state(lengths)
         logits = self._run(state, ids, lengths)
         last = logits[np.arange(len(prompts)), np.array(lengths) - 1]
-        return state, torch.from_numpy(last.astype(np.float32, copy=False))
+        return state, last.astype(np.float32)  # a copy: the output buffer is reused
 
-    def step(self, state: OnnxState, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, state: OnnxState, tokens: Any) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         if ids.shape[0] != len(state.lengths):
             raise UserError(f"step got {ids.shape[0]} tokens for a batch of {len(state.lengths)}")
         state.lengths = [n + 1 for n in state.lengths]
         logits = self._run(state, ids, state.lengths)
-        return torch.from_numpy(logits[:, -1].astype(np.float32, copy=False))
+        return logits[:, -1].astype(np.float32)  # a copy: the output buffer is reused
 
     can_extend = True
     # its int4/int8 MatMulNBits quantize activations to int8 (the bound holds a fortiori for float graphs)
     kernel_tolerance = INT8_ACTIVATIONS
 
-    def extend(self, state: OnnxState, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+    def extend(self, state: OnnxState, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Prefill more tokens into a batch-1 state: GroupQueryAttention with past reads the cached
         positions and writes the new ones in place (chunked prefill, prompt reuse, lookup decoding).
         Float32 logits of the last token [1, V] (all_positions: of each, [n, V])."""
@@ -130,7 +131,7 @@ class OnnxEngine:
             raise UserError("extend takes one row and at least one token")
         state.lengths = [state.lengths[0] + len(ids)]
         logits = self._run(state, np.asarray([ids], dtype=np.int64), state.lengths)
-        return torch.from_numpy((logits[0] if all_positions else logits[:, -1]).astype(np.float32, copy=True))
+        return (logits[0] if all_positions else logits[:, -1]).astype(np.float32)
 
     def truncate(self, state: OnnxState, length: int) -> None:
         """Forget positions from `length` on (the buffers keep them until overwritten; GQA reads

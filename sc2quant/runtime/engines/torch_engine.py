@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -61,7 +62,7 @@ class TorchEngine:
         return self.model(input_ids=ids, attention_mask=mask).logits.float().cpu()
 
     @torch.inference_mode()
-    def start(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+    def start(self, prompts: list[list[int]]) -> tuple[Any, np.ndarray]:
         """Left-pad (transformers' convention) with explicit positions so padding changes nothing."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
@@ -78,10 +79,11 @@ class TorchEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         state = {"cache": out.cache, "mask": mask, "next_pos": positions[:, -1] + 1}
-        return state, out.logits[:, -1].float().cpu()
+        return state, _numpy(out.logits[:, -1])
 
     @torch.inference_mode()
-    def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, state: Any, tokens: Any) -> np.ndarray:
+        tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
         if "bucket" in state:
             return self._step_static(state, tokens)
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
@@ -89,7 +91,7 @@ class TorchEngine:
                          position_ids=state["next_pos"].view(-1, 1), cache=state["cache"], use_cache=True)
         state["cache"] = out.cache
         state["next_pos"] = state["next_pos"] + 1
-        return out.logits[:, -1].float().cpu()
+        return _numpy(out.logits[:, -1])
 
     # --- prompt reuse and lookup decoding (sc2quant.runtime.prefix.Extendable) ----------------
 
@@ -99,7 +101,7 @@ class TorchEngine:
         return not self.static
 
     @torch.inference_mode()
-    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+    def extend(self, state: Any, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Append `ids` to a one-row state; float32 logits of the last token [1, V] (all_positions: of each, [n, V])."""
         if len(state["mask"]) != 1 or not ids or "bucket" in state:
             raise UserError("extend takes one row of the dynamic cache and at least one token")
@@ -111,7 +113,7 @@ class TorchEngine:
                          logits_to_keep=0 if all_positions else 1)
         state["cache"] = out.cache
         state["next_pos"] = state["next_pos"] + n
-        return out.logits[0].float().cpu() if all_positions else out.logits[:, -1].float().cpu()
+        return _numpy(out.logits[0] if all_positions else out.logits[:, -1])
 
     def truncate(self, state: Any, length: int) -> None:
         """Forget every position from `length` on."""
@@ -123,7 +125,7 @@ class TorchEngine:
 
     @property
     def kernel_tolerance(self) -> float:
-        return kernel_tolerance(next(self.model.parameters()).dtype)
+        return kernel_tolerance(torch.finfo(next(self.model.parameters()).dtype).eps)
 
     def state_bytes(self, state: Any) -> int:
         return sum(t.numel() * t.element_size() for layer in state["cache"].layers if layer.is_initialized
@@ -135,7 +137,7 @@ class TorchEngine:
         """The static cache length for a sequence of `tokens`: a power of two >= 256, at most the context."""
         return min(self.context, max(MIN_BUCKET, 1 << tokens.bit_length()))
 
-    def _start_static(self, prompt: list[int]) -> tuple[Any, torch.Tensor]:
+    def _start_static(self, prompt: list[int]) -> tuple[Any, np.ndarray]:
         from transformers import StaticCache
 
         bucket = self._bucket(len(prompt))
@@ -148,9 +150,9 @@ class TorchEngine:
         positions = torch.arange(len(prompt), device=self.device)
         out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
                          past_key_values=cache, use_cache=True)
-        return {"bucket": bucket, "ids": list(prompt)}, out.logits[:, -1].float().cpu()
+        return {"bucket": bucket, "ids": list(prompt)}, _numpy(out.logits[:, -1])
 
-    def _step_static(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def _step_static(self, state: Any, tokens: torch.Tensor) -> np.ndarray:
         pos = len(state["ids"])
         if pos >= self.context:
             raise UserError(f"the sequence reached the model's context ({self.context} tokens)")
@@ -161,7 +163,7 @@ class TorchEngine:
         position = torch.tensor([pos], device=self.device)
         logits = self._buckets[state["bucket"]][1](tokens.view(1, 1).to(self.device), position)
         state["ids"].append(int(tokens.view(-1)[0]))
-        return logits.float().cpu()
+        return _numpy(logits)
 
     def _compile(self, cache: Any, bucket: int) -> Any:
         """The decode step on `cache`; on CUDA compiled to a CUDA graph (torch.compile
@@ -214,3 +216,8 @@ class TorchEngine:
 
     def end_profiling(self) -> Path | None:
         return None
+
+
+def _numpy(logits: torch.Tensor) -> np.ndarray:
+    """float32 logits on the CPU as numpy (generation speaks numpy: runtime/engines/base.py)."""
+    return logits.float().cpu().numpy()
