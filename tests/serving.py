@@ -22,20 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(model_dir: Any, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`sc2quant serve` started in a child process on a free port, not waited for; `proc.log` holds its stderr."""
+def spawn_server(model_dir: Any, *extra: str, env: dict[str, str] | None = None,
+                 python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+    """`sc2quant serve` started in a child process on a free port, not waited for; `proc.log` holds its stderr.
+    python: the environment's interpreter (the base install's, for its tests)."""
     port = free_port()
     log = tempfile.TemporaryFile()  # never a pipe nobody reads: a full pipe would block the server
-    args = [sys.executable, "-m", "sc2quant", "serve", *([str(model_dir)] if model_dir else []), "--port", str(port), *extra]
+    args = [python, "-m", "sc2quant", "serve", *([str(model_dir)] if model_dir else []), "--port", str(port), *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     proc.log = log  # type: ignore[attr-defined]
     return proc, f"http://127.0.0.1:{port}"
 
 
 def start_server(model_dir: Any, *extra: str, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> tuple[subprocess.Popen, str]:
+                 timeout: float = 120, python: str = sys.executable) -> tuple[subprocess.Popen, str]:
     """`sc2quant serve` in a child process on a free port; returns (process, base URL) once healthy."""
-    proc, url = spawn_server(model_dir, *extra, env=env)
+    proc, url = spawn_server(model_dir, *extra, env=env, python=python)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

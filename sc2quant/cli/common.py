@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+from rich.markup import escape
 
 from sc2quant.core.console import console, current_log, library_output, quiet_libraries, write_result
 from sc2quant.core.errors import UserError
+from sc2quant.core.extras import missing_extra
 from sc2quant.core.signals import take_sigint
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,7 +111,9 @@ def command(verb: str, own_signals: bool = False) -> Callable[[F], F]:
                         return fn(*args, **kwargs)
                     except (UserError, KeyboardInterrupt, typer.Exit):
                         raise
-                    except Exception:
+                    except Exception as exc:
+                        if isinstance(exc, ModuleNotFoundError) and (missing := missing_extra(exc, verb)):
+                            raise missing from None  # an extra not installed: which one, in one line
                         if _state["debug"]:
                             raise
                         logging.getLogger("sc2quant").error("unexpected error\n%s", traceback.format_exc())
@@ -117,7 +121,7 @@ def command(verb: str, own_signals: bool = False) -> Callable[[F], F]:
             except UserError as exc:
                 if _state["debug"]:
                     raise
-                console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except _Internal as exc:
                 where = f"the traceback is in {exc.log}" if exc.log else "run again with --debug for the traceback"

@@ -109,13 +109,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
-    try:  # our own displays replace transformers' per-tensor bars
+    # our own displays replace transformers' per-tensor bars; transformers is not imported for this
+    # (an ONNX export runs without it): it reads these when it is imported, or is told now if it was
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def log_dir() -> Path:

@@ -54,15 +54,26 @@ def torch_dtype(name: str) -> Any:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return device
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if not cuda_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
     return device
+
+
+def cuda_available() -> bool:
+    """torch's answer where torch is installed; else ONNX Runtime's (the base install's only runtime)."""
+    try:
+        import torch
+    except ImportError:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return bool(torch.cuda.is_available())
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -234,17 +245,20 @@ def load_tokenizer(path: Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - tokenizers raise many types
         raise UserError(f"cannot load the tokenizer from {path} ({exc}): the directory needs tokenizer.json") from exc
-    if len(tokenizer) == 0:
+    check_tokenizer_ids(path, len(tokenizer), max(tokenizer.get_vocab().values(), default=-1))
+    return tokenizer
+
+
+def check_tokenizer_ids(path: Path, length: int, top: int) -> None:
+    """A tokenizer of `length` tokens, ids up to `top` (added tokens included), must fit the model's vocabulary."""
+    if length == 0:
         raise UserError(f"the tokenizer in {path} is empty: copy the original model's tokenizer files")
     config = Path(path) / "config.json"
     cfg = read_json(config, "restore the file") if config.is_file() else None
     vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-    if isinstance(vocab, int) and not isinstance(vocab, bool):
-        top = max(tokenizer.get_vocab().values(), default=-1)  # added tokens included
-        if top >= vocab:
-            raise UserError(f"the tokenizer in {path} has token ids up to {top} but the model's vocabulary has "
-                            f"{vocab} rows: it is not this model's tokenizer; copy the original model's tokenizer files")
-    return tokenizer
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and top >= vocab:
+        raise UserError(f"the tokenizer in {path} has token ids up to {top} but the model's vocabulary has "
+                        f"{vocab} rows: it is not this model's tokenizer; copy the original model's tokenizer files")
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

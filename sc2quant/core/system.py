@@ -71,10 +71,13 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def _hardware() -> tuple[str, tuple[str, ...], bool, bool]:
-    import torch
-
     model, flags = _cpuinfo()
-    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # torch's own test where torch is installed; without it (the base install) the CPU's flags
+        import torch
+
+        native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except ImportError:
+        native = bool({"avx512_bf16", "amx_bf16"} & flags)
     try:
         from bitsandbytes.functional import has_avx512bf16
 
@@ -98,11 +101,15 @@ def cpu_caps() -> CpuCaps:
 
 
 def set_threads(threads: int | None) -> int:
-    """Use `threads` CPU threads for torch in this process (None: torch's default); returns the count."""
-    import torch
-
+    """Use `threads` CPU threads for torch in this process (None: torch's default); returns the count.
+    Without torch (the base install: ONNX Runtime takes its count per session) only the check."""
     if threads is not None:
         check_threads(threads)
+    try:
+        import torch
+    except ImportError:
+        return threads or os.cpu_count() or 1
+    if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

@@ -110,7 +110,7 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     from sc2quant.core.console import console
     from sc2quant.core.hf import COMPUTE_DTYPES, read_config, resolve_device
     from sc2quant.core.source import resolve_source
-    from sc2quant.core.system import set_threads
+    from sc2quant.core.system import check_threads
     from sc2quant.formats import format_of_config, get_format
     from sc2quant.runtime.engines import choose_engine
 
@@ -134,7 +134,7 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
         from sc2quant.runtime.convert import converted_onnx
 
         run_path, kind = converted_onnx(source.path, manifest), "onnx"
-    set_threads(threads)
+    check_threads(threads)  # the engine applies them (torch's for the process, ONNX Runtime's per session)
     opened = open_engine(chosen, kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
                                                                profile_dir=profile_dir, static_cache=static_cache))
     return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,

@@ -2,9 +2,9 @@
 of them runs an artifact is its format's choice (`sc2quant.formats`); engines only compute logits. Sampling, stop strings,
 streaming and fill-in-the-middle live in `sc2quant.runtime.model`, written once for all.
 
-Threads are handled the same way for every engine: `sc2quant.runtime.load` sets torch's
-thread count for the process (where torch is installed) and passes the same count to the engine
-(ONNX Runtime's session uses it for its intra-op pool).
+Threads are handled the same way for every engine: `sc2quant.runtime.load` checks the count and
+passes it to the engine: the torch engine sets torch's thread count for the process, ONNX
+Runtime's session uses it for its intra-op pool.
 
 Generation speaks numpy (token ids in, float32 logits out), so the ONNX engine and everything
 above it run without torch (the base install); `logits`, for evaluation, returns a torch tensor.

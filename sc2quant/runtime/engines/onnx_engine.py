@@ -21,8 +21,9 @@ import numpy as np
 from sc2quant.core.artifact import GENAI_CONFIG, read_genai_config
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import read_json
-from sc2quant.core.hf import check_genai_sizes, load_tokenizer
+from sc2quant.core.hf import check_genai_sizes
 from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
+from sc2quant.core.tokenizer import Tokenizer
 from sc2quant.runtime.engines.base import EngineOptions
 from sc2quant.runtime.lookup import INT8_ACTIVATIONS
 
@@ -83,7 +84,7 @@ class OnnxEngine:
             again = f", or export again with `sc2quant export onnx --dtype {options.dtype}`" if options.dtype == "fp16" else ""
             raise UserError(f"{self.path.name} is an ONNX graph computing in {self.dtype}, fixed when it was exported: "
                             f"drop --dtype{again}")
-        self.tokenizer = load_tokenizer(self.path)
+        self.tokenizer = Tokenizer(self.path)  # tokenizers alone: no transformers in the base install
         self._ones = np.ones((1, self.context_length), dtype=np.int64)  # batch 1's mask: a slice of it
 
     # --- Engine protocol -------------------------------------------------------------------

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_model
+from sc2quant.core.system import set_threads
 from sc2quant.formats import get_format
 from sc2quant.runtime.engines.base import EngineOptions
 from sc2quant.runtime.lookup import kernel_tolerance
@@ -40,6 +41,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, path: Path, options: EngineOptions, kind: str = "hf") -> None:
+        set_threads(options.threads)  # torch's intra-op threads are the process's
         loaded = load_model(path, dtype=options.dtype, device=options.device, hooks=get_format(kind))
         self.kind = kind
         self.model = loaded.model
