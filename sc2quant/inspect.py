@@ -71,6 +71,8 @@ def inspect_model(model: str | os.PathLike | None = None) -> dict[str, Any]:
         m = artifact.read_manifest(source.path)
         info["artifact"] = {"kind": m.kind, "method": m.method, "bits": m.bits, "group_size": m.group_size,
                             "source": m.source.get("id"), "created": m.created, "metrics": m.metrics}
+        if kind == "onnx":  # its config.json is the source's: the graph's own dtype is in the manifest
+            info["dtype"] = {"fp32": "float32", "fp16": "float16"}.get(str(m.params.get("dtype")), m.params.get("dtype"))
     return info
 
 

@@ -33,6 +33,8 @@ def test_quantized_and_onnx_artifacts_report_the_models_parameters(embedded_mode
     assert expected > 6_000_000
     for path in (gptq_artifact, onnx_int4_artifact):
         assert inspect_model(path)["parameters"] == expected
+    # the graph computes in fp32 whatever the source's config.json says (bf16): found by the red team
+    assert inspect_model(onnx_int4_artifact)["dtype"] == "float32"
 
 
 def test_inspect_table(tiny_model_dir):

@@ -63,8 +63,9 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
-        """transformers' call: {"input_ids": ...} (also as an attribute), one list per text of a list."""
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **_: Any) -> Encoding:
+        """transformers' call: {"input_ids": ...} (also as an attribute), one list per text of a list;
+        its other options (verbose, ...) change no ids here."""
         if isinstance(text, str):
             return Encoding(input_ids=self.encode(text, add_special_tokens))
         return Encoding(input_ids=[e.ids for e in self.backend.encode_batch(text, add_special_tokens=add_special_tokens)])

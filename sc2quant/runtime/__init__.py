@@ -2,6 +2,7 @@
 `infill`), engines registered per artifact kind, and the OpenAI-compatible server built on the
 public API only. Nothing here imports the quantization or export code."""
 
-from sc2quant.runtime.model import Chunk, Model, Sampling, StopFilter, encode_prompt, load
+from sc2quant.runtime.model import MAX_TEMPERATURE, Chunk, Model, Sampling, encode_prompt, load
+from sc2quant.runtime.stops import StopFilter
 
-__all__ = ["Chunk", "Model", "Sampling", "StopFilter", "encode_prompt", "load"]
+__all__ = ["MAX_TEMPERATURE", "Chunk", "Model", "Sampling", "StopFilter", "encode_prompt", "load"]

@@ -24,14 +24,15 @@ from sc2quant.runtime import Chunk, Model
 def new_row() -> dict[str, Any]:
     """One prompt's answer as chunks arrive (`add_chunk`): its text and the last chunk's counts."""
     return {"text": "", "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "seed": None,
-            "cached_tokens": 0, "draft_tokens": 0, "draft_accepted": 0}
+            "cached_tokens": 0, "draft_tokens": 0, "draft_accepted": 0, "stop_word": ""}
 
 
 def add_chunk(row: dict[str, Any], c: Chunk, keep_text: bool = True) -> None:
     if keep_text:
         row["text"] += c.text
     row.update(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-               seed=c.seed, cached_tokens=c.cached_tokens, draft_tokens=c.draft_tokens, draft_accepted=c.draft_accepted)
+               seed=c.seed, cached_tokens=c.cached_tokens, draft_tokens=c.draft_tokens, draft_accepted=c.draft_accepted,
+               stop_word=c.stop_word)
 
 
 class Unavailable(Exception):

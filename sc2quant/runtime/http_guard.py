@@ -7,7 +7,8 @@
 - `ApiKeyGuard`: `Authorization: Bearer <key>` on every route but /health (401 otherwise);
 - `BodyGuard`: an ASGI middleware that reads the request body itself, whatever its framing
   (Content-Length or chunked), with a size limit (413 as soon as it is exceeded, before the body
-  is parsed) and a read timeout (408), then replays it to the application.
+  is parsed) and a read timeout (408), then replays it to the application as JSON (whatever its
+  Content-Type: llama-server reads any body as JSON, and `curl -d` labels it a form).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ class BodyGuard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
+        if body:  # every route takes JSON, whatever Content-Type says (llama-server does; `curl -d` sends a form type)
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, replay, send)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sc2quant.runtime import Chunk
+from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import add_chunk, new_row
 
 MAX_EXTRA_FILES = 64
@@ -40,7 +40,7 @@ class InfillRequest(BaseModel):
     input_extra: list[ExtraFile] = Field(default_factory=list, max_length=MAX_EXTRA_FILES)
     prompt: str = ""  # the text of the cursor's line before the cursor: it continues input_prefix
     n_predict: int = Field(-1, ge=-1, le=8192)  # -1: until the context or the server's limit; 0: fill the cache
-    temperature: float = Field(0.0, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -72,10 +72,12 @@ class InfillTimer:
 
     def answer(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         row = rows[0]
-        end, first = time.monotonic(), self.first or time.monotonic()
+        end = time.monotonic()
+        first = self.first or end  # no token: the prompt took the whole time, prediction none
         predicted = row["completion_tokens"] if self.keep else 0
-        stop_type = "limit" if self.limited or row["finish_reason"] == "length" else "eos"
+        stop_type = "limit" if self.limited or row["finish_reason"] == "length" else "word" if row["stop_word"] else "eos"
         return {"content": row["text"] if self.keep else "", "stop": True, "stop_type": stop_type,
+                "stopping_word": row["stop_word"],
                 "tokens_predicted": predicted, "tokens_evaluated": row["prompt_tokens"],
                 "tokens_cached": row["cached_tokens"], "seed": row["seed"],
                 "timings": {"prompt_n": row["prompt_tokens"] - row["cached_tokens"],

@@ -24,6 +24,7 @@ from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
 from sc2quant.runtime.lookup import Drafter, trusted, verify
 from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, PrefixCache, extendable, prefill
+from sc2quant.runtime.stops import StopFilter
 
 MAX_NEW_TOKENS_LIMIT = 8192
 DEFAULT_LOOKUP = 0  # draft tokens per lookup (0: off); see bench/editor.py
@@ -34,6 +35,7 @@ MAX_STOP_CHARS = 1000  # per stop string
 # Sampling divides the logits by the temperature: at 1e-3 a logit would have to exceed 3.4e35 to
 # overflow fp32/bf16 (real logits stay below 1e4); below it, 1e-39 made every logit inf and the sampler NaN.
 MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 2.0  # OpenAI's range; the server, the CLI and the API check the same one
 # top_p is compared with fp32/bf16 probabilities: 1e-46 rounds to 0 there and kept no token at all.
 MIN_TOP_P = 1e-6
 
@@ -49,8 +51,10 @@ class Sampling:
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise UserError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 10)):
-            raise UserError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 10, got {self.temperature}")
+        if not (math.isfinite(self.temperature)
+                and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE)):
+            raise UserError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                            f"got {self.temperature}")
         if not (math.isfinite(self.top_p) and MIN_TOP_P <= self.top_p <= 1):
             raise UserError(f"top_p must be between {MIN_TOP_P:g} and 1, got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
@@ -87,6 +91,7 @@ class Chunk:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     draft_tokens: int = 0  # lookup decoding so far: tokens drafted, and of them kept (runtime/lookup.py)
     draft_accepted: int = 0
+    stop_word: str = ""  # in the last chunk: the stop string that ended the row ("" for any other end)
 
 
 @api_output("load")
@@ -177,6 +182,13 @@ class Model:
         self.engine = engine
         # prompt reuse and chunked prefill where the engine can extend a cached sequence (runtime/prefix.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if extendable(engine) and prefix_cache_bytes else None
+        if self.prefix_cache is not None and prefix_cache_bytes < (slot := engine.min_state_bytes()):  # type: ignore[attr-defined]
+            from sc2quant.core.console import console
+
+            console.print(f"the prompt cache ({prefix_cache_bytes / 2**20:.1f} MiB) cannot hold one prompt of this model "
+                          f"({slot / 2**20:.1f} MiB: keys and values for its whole {engine.context:,}-token context), so "
+                          f"no prompt will be reused: give --prompt-cache-mb {-(-slot // 2**20)} or more (0: off)",
+                          highlight=False, markup=False)
         self.prefill_chunk = prefill_chunk
         self.lookup_tokens = lookup_tokens if extendable(engine) else 0  # runtime/lookup.py
         self.path = path
@@ -278,7 +290,7 @@ class Model:
                         piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
                         if piece or row.finish:
                             yield Chunk(i, piece, row.finish, row.prompt_tokens, len(row.ids), seed, cached,
-                                        *drafted())
+                                        *drafted(), row.filter.word)
                 if all(r.finish for r in rows):
                     completed = True
                     return
@@ -340,95 +352,6 @@ class Model:
         cdf = np.cumsum(probs, -1)
         draws = gen.random(len(cdf)) * cdf[:, -1]
         return np.array([min(int(np.searchsorted(c, u, side="right")), len(c) - 1) for c, u in zip(cdf, draws)])
-
-
-class StopFilter:
-    """What of a growing completion may be shown yet: text is released only once it cannot be
-    the start of a stop string nor an incomplete UTF-8 sequence, so a stream never shows what
-    the final text will not contain (and equals the non-streamed text piece by piece).
-
-    Incremental: each call reads only the characters decoded since the previous one, through one
-    Knuth-Morris-Pratt matcher per stop string, so a token costs O(new characters x stop strings)
-    whatever the stop strings' lengths (building the matchers once costs their total length)."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop = tuple(x for x in stop if x)
-        self.matchers = [_StopMatcher(x) for x in self.stop]
-        self.sent = 0  # characters released
-        self.scanned = 0  # characters of the completion the matchers have read
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The new piece to show, given the whole completion so far."""
-        if self.stopped:
-            return ""
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence is not text yet
-        cut = self._scan(safe)
-        if cut is not None:
-            self.stopped = True
-            return self._send(safe[:cut])
-        hold = max((m.state for m in self.matchers), default=0)  # the longest tail that may start a stop string
-        return self._send(safe[: len(safe) - hold])
-
-    def flush(self, text: str) -> str:
-        """The completion ended: everything not yet shown (a held-back partial stop string too)."""
-        return self._send(text.rstrip("\ufffd"))
-
-    def _scan(self, safe: str) -> int | None:
-        """Read the characters not read yet; where the earliest stop string they complete starts, or None."""
-        if len(safe) < self.scanned:  # the decoded text got shorter (never with byte-level BPE): read it again
-            self.scanned = 0
-            for m in self.matchers:
-                m.state = 0
-        cut: int | None = None
-        for i in range(self.scanned, len(safe)):
-            for m in self.matchers:
-                if m.step(safe[i]):
-                    start = i + 1 - len(m.stop)
-                    cut = start if cut is None else min(cut, start)
-        self.scanned = len(safe)
-        return cut
-
-    def _send(self, text: str) -> str:
-        piece = text[self.sent:]
-        self.sent = max(self.sent, len(text))
-        return piece
-
-
-class _StopMatcher:
-    """Knuth-Morris-Pratt over one stop string: `state` is the length of the longest tail of the
-    text read so far that is a prefix of the stop string (amortised O(1) per character read)."""
-
-    def __init__(self, stop: str) -> None:
-        self.stop = stop
-        self.fail = _prefix_function(stop)
-        self.state = 0
-
-    def step(self, char: str) -> bool:
-        """Read one character; True when it completes the stop string."""
-        k = self.state
-        while k and self.stop[k] != char:
-            k = self.fail[k - 1]
-        if self.stop[k] == char:
-            k += 1
-        if k == len(self.stop):
-            self.state = self.fail[k - 1]
-            return True
-        self.state = k
-        return False
-
-
-def _prefix_function(s: str) -> list[int]:
-    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
-    fail = [0] * len(s)
-    k = 0
-    for i in range(1, len(s)):
-        while k and s[i] != s[k]:
-            k = fail[k - 1]
-        if s[i] == s[k]:
-            k += 1
-        fail[i] = k
-    return fail
 
 
 class _Row:

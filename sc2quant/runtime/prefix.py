@@ -51,6 +51,10 @@ class Extendable(Protocol):
     def state_bytes(self, state: Any) -> int:
         ...
 
+    def min_state_bytes(self) -> int:
+        """The bytes of the smallest state (the ONNX engine's are sized for the whole context)."""
+        ...
+
 
 def extendable(engine: object) -> bool:
     return isinstance(engine, Extendable) and engine.can_extend

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.tokens import fim_prompt
-from sc2quant.runtime import Chunk
+from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
 from sc2quant.runtime.infill import InfillRequest, InfillTimer
 
@@ -76,7 +76,7 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str]
     suffix: str | None = None
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     stream: bool = False

@@ -258,7 +258,7 @@ class VllmStream:
             return
         finish = "stop" if stop.stopped else finish or "length"
         self.queue.put_nowait(Chunk(row, stop.flush(text) if not stop.stopped else "", finish, prompt_tokens,
-                                    completion, seed))
+                                    completion, seed, stop_word=stop.word))
 
     def cancel(self) -> None:
         for task in self.tasks:

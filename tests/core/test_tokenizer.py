@@ -69,7 +69,8 @@ def test_bad_tokenizer_files_are_refused_in_one_line(embedded_model_dir, tmp_pat
         Tokenizer(broken)
     wordpiece = copy("wordpiece")
     spec = json.loads((wordpiece / "tokenizer.json").read_text())
-    spec["model"] = {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}, "unk_token": "[UNK]"}
+    spec["model"] = {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}, "unk_token": "[UNK]",
+                     "continuing_subword_prefix": "##", "max_input_chars_per_word": 100}
     spec["decoder"] = None
     (wordpiece / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError, match="not a BPE tokenizer"):

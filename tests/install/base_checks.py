@@ -10,6 +10,7 @@ import sys
 
 def main(artifact: str, text: str) -> None:
     import sc2quant
+    import sc2quant.core.source
     from sc2quant.core.data import eval_documents
 
     model = sc2quant.load(artifact, threads=1)
@@ -24,6 +25,11 @@ def main(artifact: str, text: str) -> None:
         "heavy_modules": sorted(m for m in ("torch", "transformers", "accelerate", "gptqmodel", "optimum")
                                 if m in sys.modules),
     }
+    try:  # a plain checkpoint needs the torch engine: the API names the extra, as the CLI does
+        sc2quant.load(sc2quant.core.source.EMBEDDED_MODEL_DIR)
+        out["api_error"] = None
+    except sc2quant.UserError as exc:
+        out["api_error"] = str(exc)
     print(json.dumps(out))
 
 

@@ -50,6 +50,7 @@ def test_an_onnx_export_runs_as_in_the_full_install(base_python, onnx_int4_artif
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout)
     assert got["heavy_modules"] == []
+    assert "pip install 'sc2quant[quantize]'" in got["api_error"]
     full = load(onnx_int4_artifact, threads=1)
     assert got["greedy"] == full.generate("def fibonacci(n):\n", max_new_tokens=24)
     assert got["infill"] == full.infill("def add(a, b):\n    ", "\n\nprint(add(1, 2))\n", max_new_tokens=16)
@@ -83,11 +84,19 @@ def test_run_and_serve_answer_in_the_base_install(base_python, onnx_int4_artifac
         stop_server(proc)
 
 
-@pytest.mark.parametrize("argv", [["quantize", "--bits", "4"], ["export", "onnx", "{model}"], ["run", "{model}", "--prompt", "def f("],
-                                  ["report", "{artifact}"]], ids=["quantize", "export", "run-torch", "report"])
+@pytest.mark.parametrize("argv", [["quantize", "--bits", "4"], ["export", "onnx", "{model}"],
+                                  ["run", "{model}", "--prompt", "def f("], ["report", "{artifact}"]],
+                         ids=["quantize", "export", "run-torch", "report"])
 def test_a_verb_needing_an_extra_says_which_in_one_line(base_python, onnx_int4_artifact, embedded_model_dir, argv):
     args = [a.format(model=embedded_model_dir, artifact=onnx_int4_artifact) for a in argv]
     done = _run([str(BASE / "sc2quant"), *args])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "pip install 'sc2quant[" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_serve_with_vllm_refuses_an_onnx_export_in_one_line(base_python, onnx_int4_artifact):
+    """Found by the red team: the base install lacked httpx, and `serve --engine vllm` failed as a bug."""
+    done = _run([str(BASE / "sc2quant"), "serve", str(onnx_int4_artifact), "--engine", "vllm", "--port", "1"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "vLLM" in lines[0], done.stderr

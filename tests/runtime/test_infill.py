@@ -95,3 +95,45 @@ def test_bad_infill_requests_get_400_with_one_message(served, body, message):
     url, _ = served
     r = httpx.post(url + "/infill", json=body, timeout=60)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_answers_say_which_stop_string_ended_them_and_never_a_negative_time(served):
+    """Found by the red team: a stop string reported as "eos" (llama-server says "word" and which), and
+    predicted_ms below zero when no token was predicted."""
+    url, model = served
+    full = _expected(model, VSCODE)
+    word = full.strip()[1:3]  # two characters the completion is known to contain, after its first
+    got = httpx.post(url + "/infill", json={**VSCODE, "stop": [word, "never-there"]}, timeout=60).json()
+    assert got["stop_type"] == "word" and got["stopping_word"] == word
+    assert got["content"] == full[: full.index(word)]
+    plain = httpx.post(url + "/infill", json=VSCODE, timeout=60).json()
+    assert plain["stop_type"] in ("eos", "limit") and plain["stopping_word"] == ""
+    warm = httpx.post(url + "/infill", json=WARMUP, timeout=60).json()
+    assert warm["timings"]["predicted_n"] == 0 and warm["timings"]["predicted_ms"] >= 0
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "application/x-www-form-urlencoded"},
+                                     {"content-type": "text/plain"}], ids=["none", "form", "text"])
+def test_a_json_body_is_read_whatever_its_content_type(served, headers):
+    """`curl -d` (the serve --help example) labels JSON a form; llama-server reads it anyway."""
+    url, model = served
+    body = json.dumps({**VSCODE, "input_extra": []}).encode()
+    got = httpx.post(url + "/infill", content=body, headers=headers, timeout=60)
+    assert got.status_code == 200 and got.json()["content"] == model.infill(PREFIX + LINE, SUFFIX, max_new_tokens=16)
+    completion = httpx.post(url + "/v1/completions", content=b'{"prompt": "def f(", "max_tokens": 2, "temperature": 0}',
+                            headers=headers, timeout=60)
+    assert completion.status_code == 200, completion.text
+    bad = httpx.post(url + "/infill", content=b"input_prefix=x", headers=headers, timeout=60)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+@pytest.mark.parametrize("value", [2.5, 10])
+def test_one_temperature_range_everywhere(served, value):
+    from sc2quant.core.errors import UserError
+
+    url, model = served
+    for route, body in (("/infill", {**VIM, "temperature": value}), ("/v1/completions", {"prompt": "x", "temperature": value})):
+        assert httpx.post(url + route, json=body, timeout=60).status_code == 400
+    with pytest.raises(UserError, match="between 0.001 and 2"):
+        model.generate("x", temperature=value)
+    assert httpx.post(url + "/infill", json={**VIM, "temperature": 2.0, "seed": 1}, timeout=60).status_code == 200

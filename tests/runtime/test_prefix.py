@@ -142,3 +142,16 @@ def test_two_sessions_keep_their_own_entries(onnx_int4_artifact):
             else:
                 assert chunk.cached_tokens == 0
     assert model.prefix_cache.describe()["entries"] == 2
+
+
+def test_a_cache_smaller_than_one_prompt_says_so(onnx_int4_artifact, capsys):
+    """Found by the red team: --prompt-cache-mb 1 on the embedded export (3 MiB per cached prompt: its KV
+    buffers span the whole context) silently reused nothing."""
+    small = load(onnx_int4_artifact, prefix_cache_bytes=1 << 20)
+    assert "cannot hold one prompt" in capsys.readouterr().err
+    small.generate("def f(x):", max_new_tokens=2)
+    assert small.prefix_cache.describe()["entries"] == 0
+    enough = load(onnx_int4_artifact, prefix_cache_bytes=small.engine.min_state_bytes())
+    assert "cannot hold" not in capsys.readouterr().err
+    enough.generate("def f(x):", max_new_tokens=2)
+    assert enough.prefix_cache.describe()["entries"] == 1

@@ -142,6 +142,10 @@ class OnnxEngine:
     def state_bytes(self, state: OnnxState) -> int:
         return sum(int(np.prod(b.shape())) * np.dtype(self.cache_dtype).itemsize for b in state.buffers.values())
 
+    def min_state_bytes(self) -> int:
+        """Every state holds keys and values for the whole context (GQA's shared buffers)."""
+        return 2 * self.num_layers * self.kv_heads * self.context_length * self.head_size * np.dtype(self.cache_dtype).itemsize
+
     def weight_bytes(self) -> int:
         """ONNX Runtime owns its initializers; their bytes are those of the graph's files."""
         return sum(p.stat().st_size for p in self.path.iterdir() if p.suffix in ONNX_WEIGHT_SUFFIXES)

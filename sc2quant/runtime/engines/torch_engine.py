@@ -129,6 +129,9 @@ class TorchEngine:
     def kernel_tolerance(self) -> float:
         return kernel_tolerance(torch.finfo(next(self.model.parameters()).dtype).eps)
 
+    def min_state_bytes(self) -> int:
+        return 0  # the dynamic cache grows with the sequence
+
     def state_bytes(self, state: Any) -> int:
         return sum(t.numel() * t.element_size() for layer in state["cache"].layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
