@@ -49,6 +49,7 @@ import httpx
 
 from bench import llamacpp
 from bench.models import embedded, random_300m
+from bench.results import write_named
 from sc2quant import export_onnx, load
 from sc2quant.core.console import console
 from sc2quant.core.data import eval_documents
@@ -351,15 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             source = embedded() if label == "embedded" else random_300m(work, decodable=True)
             result["models"][label] = entry = bench_model(label, source, work, a)
             summarize(entry)
-    simd = "avx512" if "avx512f" in result["machine"]["simd"] else "avx2"
-    simd += "-amx" if "amx_bf16" in result["machine"]["simd"] else ""
-    stem = f"{result['date']}-{simd}-editor"
-    a.out.mkdir(parents=True, exist_ok=True)
     text = render(result)
-    for name, body in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"), (f"{stem}.md", text)):
-        tmp_file = a.out / f".{name}.partial"
-        tmp_file.write_text(body)
-        tmp_file.replace(a.out / name)
+    write_named(result, "editor", text, a.out)
     print(text)
     return 0
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from bench import llamacpp
 from bench.models import embedded, random_300m
+from bench.results import write_named
 from sc2quant import export_onnx
 from sc2quant.core.data import eval_documents
 from sc2quant.core.system import machine, vm_hwm
@@ -169,14 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": a.rounds, "command": "python -m bench.embed " + " ".join(argv if argv is not None else sys.argv[1:]),
               "install_bytes": sizes, "summary": summary, "raw": runs}
     text = render(result)
-    simd = "avx512" if "avx512f" in result["machine"]["simd"] else "avx2"
-    simd += "-amx" if "amx_bf16" in result["machine"]["simd"] else ""
-    stem = f"{result['date']}-{simd}-embed-{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    for name, body in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"), (f"{stem}.md", text)):
-        part = a.out / f".{name}.partial"
-        part.write_text(body)
-        part.replace(a.out / name)
+    write_named(result, f"embed-{a.model}", text, a.out)
     print(text)
     return 0
 

@@ -41,6 +41,20 @@ def write(result: dict, out_dir: Path) -> Path:
     return out_dir / f"{name}.md"
 
 
+def write_named(result: dict, what: str, text: str, out_dir: Path) -> Path:
+    """A side bench's <date>-<cpu kind>-<what>.json (everything) and .md (`text`), each written beside its
+    final name and renamed into place."""
+    simd = "avx512" if "avx512f" in result["machine"]["simd"] else "avx2"
+    simd += "-amx" if "amx_bf16" in result["machine"]["simd"] else ""
+    stem = f"{result['date']}-{simd}-{what}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"), (f"{stem}.md", text)):
+        part = out_dir / f".{name}.partial"
+        part.write_text(body)
+        part.replace(out_dir / name)
+    return out_dir / f"{stem}.md"
+
+
 def _check(what: str, value: float, target: float, at_least: bool, spread: list | None = None) -> str:
     """One target: "meets" only when the median meets it; the per-round spread (min-max) is always shown."""
     ok = value >= target if at_least else value <= target

@@ -159,3 +159,41 @@ def test_the_peers_bench_runs_five_rounds_by_default():
     from bench import run
 
     assert 'ap.add_argument("--rounds", type=int, default=5)' in inspect.getsource(run.main)
+
+
+def test_editor_sessions_type_a_function_under_fixed_budgets(embedded_model_dir):
+    """bench/editor.py: each session's prefix starts at one line for the whole session and grows a line
+    per request, suffix and prefix stay within their token budgets, the benches default to 5 rounds."""
+    import inspect
+
+    from bench import editor, embed
+    from sc2quant.core.hf import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_dir)
+    budget = editor.BUDGETS["embedded"]
+    plan = editor.sessions(tok, 2, 6, budget)
+    assert len(plan) == 2 and all(len(s) == 6 for s in plan)
+    for session in plan:
+        first = session[0]["input_prefix"]
+        for i, body in enumerate(session):
+            assert body["input_prefix"].startswith(first) and body["input_suffix"] == session[0]["input_suffix"]
+            assert len(tok.encode(body["input_prefix"])) <= budget.prefix_tokens
+            assert len(tok.encode(body["input_suffix"])) <= budget.suffix_tokens
+            if i:
+                assert body["input_prefix"].count("\n") == session[i - 1]["input_prefix"].count("\n") + 1
+    for module in (editor, embed):
+        assert 'ap.add_argument("--rounds", type=int, default=5)' in inspect.getsource(module.main)
+
+
+def test_editor_ratios_are_taken_within_rounds_against_the_faster_peer():
+    from bench.editor import MAIN, NO_CACHE, summarize
+
+    def row(ttft: float, latency: float) -> dict:
+        return {"ttft_p50": ttft, "latency_p50": latency}
+
+    per = {MAIN: [row(1, 2), row(2, 4)], NO_CACHE: [row(4, 8), row(4, 8)],
+           "llama-server Q4_0": [row(2, 4), row(1, 1)], "llama-server Q4_K_M": [row(4, 4), row(8, 8)]}
+    summarize({"runs": {"1": per}})
+    s = per["summary"][MAIN]
+    assert s["ttft_p50_vs_llama"] == [1.25, 0.5, 2.0]  # 1/2 and 2/1: per round, against the faster peer
+    assert s["ttft_gain_from_cache"] == [3.0, 2.0, 4.0]

@@ -89,6 +89,8 @@ def serve_cmd(
         raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(not_for_vllm))} cannot be passed to "
                         "vLLM, which sets its own threads, device and prefix cache (VLLM_CPU_OMP_THREADS_BIND, its CPU "
                         "or CUDA build, automatic prefix caching): drop it")
+    if v["prompt_cache_mb"] < 0:
+        raise UserError(f"--prompt-cache-mb must be 0 (no prompt reuse) or more, got {v['prompt_cache_mb']}")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
                     header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
     stopped_by = serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],

@@ -136,6 +136,9 @@ def test_help_shows_flags_as_flags_and_examples_whole(logs):
     (["quantize", "--method", "gptq", "--group-size", "3"], "group size 3 does not divide"),
     (["quantize", "--method", "bnb", "--bits", "8", "--quant-type", "fp4"], "--quant-type does not apply"),
     (["quantize", "--method", "bnb", "--bits", "8", "--double-quant"], "--double-quant does not apply"),
+    (["serve", "--prompt-cache-mb", "-1"], "--prompt-cache-mb must be 0 (no prompt reuse) or more, got -1"),
+    (["serve", "--lookup-tokens", "33"], "lookup tokens must be 0 (off) to 32, got 33"),
+    (["serve", "--engine", "vllm", "--lookup-tokens", "4"], "--lookup-tokens cannot be passed to vLLM"),
 ])
 def test_options_that_do_not_apply_are_refused(tmp_path, logs, args, message):
     done = sc2quant(*args, log_dir=logs, cwd=tmp_path, check=False)
