@@ -2,15 +2,16 @@
 
 Code completion often writes what the prompt already holds: a name defined above, the rest of a
 line that the suffix repeats, a pattern of the lines before. After each decoded token the
-drafter looks for the latest earlier place where the sequence's last n tokens (n = 3, then 2,
-then 1) occurred, in the prompt (prefix and suffix) or in what was generated, and proposes the
+drafter looks for the latest earlier place where the sequence's last n tokens (n = 3, then 2)
+occurred, in the prompt (prefix and suffix) or in what was generated, and proposes the
 tokens that followed there. The engine then runs the decoded token and the draft in one
 forward (`Extendable.extend(..., all_positions=True)`): the logits at each position say what
 greedy decoding would pick next, so the draft is kept up to its first wrong token, the state is
 cut back to what was kept, and the logits after the last kept token drive the next step. On CPU
 a forward of a few tokens costs little more than one token's, since reading the weights dominates.
 
-The output is plain greedy decoding's, token for token (tested), although a many-token forward
+The output is plain greedy decoding's, token for token (tested; a tie within the kernels' rounding
+is the one place either of the tied tokens may come, as between any two kernels), although a many-token forward
 does not round like a one-token one (other kernel shapes, other accumulation orders: ONNX
 Runtime's int4 MatMulNBits differs by up to 2.3e-3 of the largest logit between them on the
 embedded model). A row of the verifying forward is trusted only where its top two logits are
@@ -27,8 +28,8 @@ MAX_NGRAM = 3  # the longest suffix of the sequence looked up
 MIN_NGRAM = 2  # the shortest: one shared token predicts little (measured: more drafts, fewer kept)
 # Relative logit difference between two kernel shapes of the same computation (see the module docstring).
 # int8 activations (ONNX Runtime's MatMulNBits at accuracy level 4, blocks of 32): the rounding step of
-# a block is max/127, a uniform error of step/sqrt(12), times a crest factor of 4: the bound the ORT tests
-# use for int8 activations against fp32, 4x the kernel-shape difference measured (2.3e-3).
+# a block is max/127, a uniform error of step/sqrt(12), times a crest factor of 4: the bound the ORT export
+# tests use for int8 activations against fp32 (tests/conftest.py), 4x the kernel-shape difference measured.
 INT8_ACTIVATIONS = 4 / (127 * 12**0.5)
 
 
