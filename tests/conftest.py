@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sc2quant.runtime.lookup import INT8_ROUNDING  # 1/(127*sqrt(12)) = 2.27e-3: the runtime's own bound
+
 os.environ.setdefault("SC2QUANT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the tests' conversions and logs go to a folder of their own, not the user's cache
@@ -232,7 +234,6 @@ def ort_int8_kernel() -> str:
 
 # Relative RMS error of one value rounded to int8 with a per-block absmax scale, at crest factor
 # 1 (|x| = max|x| in its block): a uniform rounding error of half a step, step = max/127.
-INT8_ROUNDING = 1 / (127 * 12 ** 0.5)  # 2.27e-3
 
 
 def int8_activation_tolerance(crest: float = 4.0) -> float:
