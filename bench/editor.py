@@ -10,7 +10,8 @@ request whose prefix is the file up to the cursor (at most 1,536 tokens, startin
 fixed for the session, as a plugin's context window that does not move while one function is
 typed) and whose suffix is the rest of the file (at most 512 tokens), 32 new tokens, greedy,
 streamed (`input_prefix`, `input_suffix`, `n_predict`, `cache_prompt`, as llama.vscode sends).
-The embedded model's context is 1,024 tokens: 640 + 256 there. One client, then several
+The embedded model's context is 1,024 tokens: 384 + 126 there (what `sc2quant serve`'s /infill
+keeps of such a context; llama-server keeps more, so neither trims). One client, then several
 sessions at once (each its own file, each client sending its next request when the previous
 answer is complete).
 
@@ -64,7 +65,7 @@ class Budget:
     slot_context: int  # llama-server's context per slot (prompt + completion + slack)
 
 
-BUDGETS = {"300m": Budget(1536, 512, 32, 4096), "embedded": Budget(640, 256, 32, 1024)}
+BUDGETS = {"300m": Budget(1536, 512, 32, 4096), "embedded": Budget(384, 126, 32, 1024)}
 SC2QUANT = {  # contender -> `sc2quant serve` options
     "sc2quant serve": [],  # the defaults: prompt cache on, lookup decoding off
     "sc2quant serve --lookup-tokens 4": ["--lookup-tokens", "4"],

@@ -51,9 +51,9 @@ def serve_cmd(
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more get 503.")] = 64,
     read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send headers or a body piece.")]
     = 10.0,
-    prompt_cache_mb: Annotated[int, typer.Option(
+    prompt_cache_mb: Annotated[Optional[int], typer.Option(
         help="MiB of KV cache kept between requests: a prompt sharing a prefix with an earlier one prefills only "
-             "the rest (0 = off).")] = 1024,
+             "the rest (0 = off) [default: 1024, or one prompt's KV where that is more]", show_default=False)] = None,
     lookup_tokens: Annotated[Optional[int], typer.Option(
         help="Lookup decoding: draft up to N tokens from the prompt per step, kept where greedy decoding agrees "
              "(same output; 0 = off) [default: the runtime's, sc2quant.runtime.model.DEFAULT_LOOKUP]",
@@ -89,7 +89,7 @@ def serve_cmd(
         raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in sorted(not_for_vllm))} cannot be passed to "
                         "vLLM, which sets its own threads, device and prefix cache (VLLM_CPU_OMP_THREADS_BIND, its CPU "
                         "or CUDA build, automatic prefix caching): drop it")
-    if v["prompt_cache_mb"] < 0:
+    if v["prompt_cache_mb"] is not None and v["prompt_cache_mb"] < 0:
         raise UserError(f"--prompt-cache-mb must be 0 (no prompt reuse) or more, got {v['prompt_cache_mb']}")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
                     header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
@@ -98,7 +98,7 @@ def serve_cmd(
                        dtype=v["dtype"], engine=v["engine"],
                        vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"],
                              "dtype": v["dtype"]},
-                       reuse={"prefix_cache_bytes": v["prompt_cache_mb"] << 20,
+                       reuse={"prefix_cache_bytes": None if v["prompt_cache_mb"] is None else v["prompt_cache_mb"] << 20,
                               **({} if v["lookup_tokens"] is None else {"lookup_tokens": v["lookup_tokens"]})})
     exit_as_signalled(stopped_by)
 

@@ -43,6 +43,7 @@ class Tokenizer:
             self.backend = Backend.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
             raise UserError(f"cannot load the tokenizer from {path} ({exc}): the directory needs tokenizer.json") from exc
+        self._literal_backend: Any = None
         if type(self.backend.model).__name__ != "BPE":
             raise UserError(f"the tokenizer in {path} is not a BPE tokenizer: it is not StarCoder2's; copy the original "
                             "model's tokenizer files")
@@ -63,15 +64,29 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **_: Any) -> Encoding:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, split_special_tokens: bool = False,
+                 **_: Any) -> Encoding:
         """transformers' call: {"input_ids": ...} (also as an attribute), one list per text of a list;
+        split_special_tokens: special-token strings in the text are plain text (as transformers');
         its other options (verbose, ...) change no ids here."""
+        backend = self._literal() if split_special_tokens else self.backend
         if isinstance(text, str):
-            return Encoding(input_ids=self.encode(text, add_special_tokens))
-        return Encoding(input_ids=[e.ids for e in self.backend.encode_batch(text, add_special_tokens=add_special_tokens)])
+            return Encoding(input_ids=backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return Encoding(input_ids=[e.ids for e in backend.encode_batch(text, add_special_tokens=add_special_tokens)])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _literal(self) -> Any:
+        """A second copy of the tokenizer that reads special-token strings as text (`encode_special_tokens`
+        is a setting of the object, not of a call: a copy, so concurrent callers never see it switched)."""
+        if self._literal_backend is None:
+            from tokenizers import Tokenizer as Backend
+
+            copy = Backend.from_str(self.backend.to_str())
+            copy.encode_special_tokens = True
+            self._literal_backend = copy
+        return self._literal_backend
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -81,3 +96,26 @@ class Tokenizer:
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` read as plain text: special-token strings in it are not special tokens
+    (code being completed may contain `<fim_middle>` or `<|endoftext|>`). Either tokenizer: this
+    module's or transformers'."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
+
+
+def encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> list[int]:
+    """Token ids of (text, special) pieces (`sc2quant.core.tokens.fim_pieces`): a special piece is its
+    one token, the others plain text."""
+    ids: list[int] = []
+    for text, special in pieces:
+        if special:
+            token = tokenizer.convert_tokens_to_ids(text)
+            if token is None or token == tokenizer.unk_token_id:
+                raise UserError(f"the tokenizer has no {text} token: it is not StarCoder2's; copy the original model's "
+                                "tokenizer files")
+            ids.append(int(token))
+        else:
+            ids += encode_text(tokenizer, text)
+    return ids

@@ -23,13 +23,30 @@ SPECIAL_TOKENS = (
 STOP_TOKENS = (EOS, FILE_SEP)
 
 
-def fim_prompt(prefix: str, suffix: str, files: tuple[tuple[str, str], ...] = (), repo: str = "") -> str:
-    """StarCoder2's fill-in-the-middle prompt (PSM order); the model writes the middle.
+def repo_pieces(files: tuple[tuple[str, str], ...], repo: str = "") -> list[tuple[str, bool]]:
+    """Other files of the project as (text, special) pieces, in StarCoder2's repository format
+    (`<repo_name>repo<file_sep>name\ntext...<file_sep>`), to precede the file being edited; none
+    without files."""
+    if not files:
+        return []
+    pieces: list[tuple[str, bool]] = [(REPO_NAME, True), (repo, False)]
+    for name, text in files:
+        pieces += [(FILE_SEP, True), (f"{name}\n{text}", False)]
+    return [*pieces, (FILE_SEP, True)]
 
-    files: other files of the project as (name, text), placed before the one being edited in
-    StarCoder2's repository format (`<repo_name>repo<file_sep>name\ntext...<file_sep>`), as an
-    editor plugin sends them (llama.cpp's `input_extra`)."""
-    context = ""
-    if files:
-        context = f"{REPO_NAME}{repo}" + "".join(f"{FILE_SEP}{name}\n{text}" for name, text in files) + FILE_SEP
-    return f"{context}{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+def fim_pieces(prefix: str, suffix: str, files: tuple[tuple[str, str], ...] = (), repo: str = "") -> list[tuple[str, bool]]:
+    """StarCoder2's fill-in-the-middle prompt (PSM order) as (text, special) pieces: each special piece
+    is one token; the others are code, tokenized as text, so a `<fim_middle>` written in the code
+    stays code (as llama-server tokenizes its /infill pieces). The model writes the middle.
+
+    files: other files of the project as (name, text) (`repo_pieces`), as an editor plugin sends
+    them (llama.cpp's `input_extra`)."""
+    return [*repo_pieces(files, repo), (FIM_PREFIX, True), (prefix, False), (FIM_SUFFIX, True), (suffix, False),
+            (FIM_MIDDLE, True)]
+
+
+def fim_prompt(prefix: str, suffix: str, files: tuple[tuple[str, str], ...] = (), repo: str = "") -> str:
+    """`fim_pieces` as one text (special tokens written out: encoded so, code that contains their
+    strings is read as special tokens; the runtime encodes the pieces instead)."""
+    return "".join(text for text, _ in fim_pieces(prefix, suffix, files, repo))

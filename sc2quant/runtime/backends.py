@@ -41,9 +41,10 @@ class Unavailable(Exception):
 
 @dataclass
 class Request:
-    """A completion request as the backends receive it (prompts already FIM-free: `suffix` apart)."""
+    """A completion request as the backends receive it: each prompt text or token ids (`suffix`: the
+    code after the gap, for text prompts)."""
 
-    prompts: list[str]
+    prompts: list[str | list[int]]
     max_tokens: int
     temperature: float
     top_p: float
@@ -61,6 +62,8 @@ class Stream(Protocol):
 
 class Backend(Protocol):
     kind: str  # the artifact kind served
+    tokenizer: Any  # the model's (sc2quant.core.tokenizer.Tokenizer or transformers'): /infill builds token ids
+    context: int  # tokens of context
 
     def describe(self) -> str: ...
 
@@ -135,6 +138,8 @@ class LocalBackend:
     def __init__(self, model: Model, concurrency: int) -> None:
         self.model = model
         self.kind = model.kind
+        self.tokenizer = model.tokenizer
+        self.context = model.context
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sc2quant-generate")
         self.stopping = threading.Event()
 

@@ -4,6 +4,17 @@ llama.vim: `input_prefix`, `input_suffix`, `input_extra`, `prompt`, `n_predict`,
 `tokens_evaluated`, `tokens_cached`, `timings`). The generation itself is the OpenAI route's
 (`sc2quant.runtime.server`): the same checks, limits, queue and prompt reuse.
 
+The prompt is built as llama-server builds it, in tokens: the code pieces are tokenized as plain
+text (a `<fim_middle>` in the user's code is code), the other files, then `<fim_prefix>` + the
+prefix + `prompt` + `<fim_suffix>` + the suffix + `<fim_middle>`; and trimmed as llama-server trims
+it rather than refused: with B = min(2048, context / 2) (llama-server's default batch; half the
+context where it is smaller than 4,096, so the other files keep room there too), the last 3B/4
+tokens of the prefix, the first B/4 - 2 - len(prompt) tokens of the suffix, the last
+context - B - 2 n_predict tokens of the other files (fewer if the rest would not leave room for one
+new token). The other files' share does not depend on the prefix's length, so the start of the
+prompt, and its cached keys and values, stay put as the user types. `truncated` in the answer says
+whether anything was cut.
+
 Fields llama-server takes that have no meaning here (`cache_prompt`: prompts are always reused;
 `top_k`, `samplers`, `n_indent`, `id_slot`, `t_max_prompt_ms`, ...) are accepted and ignored, as
 llama-server ignores what it does not know. Greedy decoding is the default (editors want the
@@ -19,10 +30,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sc2quant.core.errors import UserError
+from sc2quant.core.tokenizer import encode_pieces, encode_text
+from sc2quant.core.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, repo_pieces
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import add_chunk, new_row
 
 MAX_EXTRA_FILES = 64
+BATCH = 2048  # llama-server's default batch: the budget of the prefix (3/4) and the suffix (1/4)
 
 
 class ExtraFile(BaseModel):
@@ -48,11 +63,37 @@ class InfillRequest(BaseModel):
     t_max_predict_ms: int = Field(0, ge=0)  # 0: no limit; else stop generating this long after the first token
 
 
+def infill_ids(tokenizer: Any, context: int, req: InfillRequest) -> tuple[list[int], bool]:
+    """The request's prompt as token ids, trimmed to the context as llama-server trims it (see the
+    module's docstring), and whether anything was cut."""
+    files = tuple((f.filename, f.text) for f in req.input_extra)
+    for text in (req.input_prefix, req.input_suffix, req.prompt, *(t for f in files for t in f)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserError(f"the request is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+    prefix, prompt, suffix = (encode_text(tokenizer, t) for t in (req.input_prefix, req.prompt, req.input_suffix))
+    extra = encode_pieces(tokenizer, repo_pieces(files))
+    pre, suf, mid = encode_pieces(tokenizer, [(FIM_PREFIX, True), (FIM_SUFFIX, True), (FIM_MIDDLE, True)])
+    batch = min(BATCH, context // 2)
+    n_prefix = min(len(prefix), 3 * (batch // 4))
+    n_suffix = min(len(suffix), max(0, batch // 4 - (2 + len(prompt))))
+    body = [pre, *prefix[len(prefix) - n_prefix:], *prompt, suf, *suffix[:n_suffix], mid]
+    room = context - 1 - len(body)  # one new token at least
+    if room < 0:
+        raise UserError(f"the prompt (the cursor's line) has {len(prompt)} tokens, too many for the model's context "
+                        f"of {context}: send less of it in `prompt` (input_prefix is trimmed, prompt is not)")
+    n_extra = min(len(extra), max(0, context - batch - 2 * max(req.n_predict, 0)), room)
+    ids = extra[len(extra) - n_extra:] + body
+    return ids, (n_prefix, n_suffix, n_extra) != (len(prefix), len(suffix), len(extra))
+
+
 class InfillTimer:
     """Timings and the `t_max_predict_ms` limit of one /infill request, and its answers."""
 
-    def __init__(self, t_max_predict_ms: int, keep: bool = True) -> None:
+    def __init__(self, t_max_predict_ms: int, keep: bool = True, truncated: bool = False) -> None:
         self.limit_s = t_max_predict_ms / 1000 if t_max_predict_ms else None
+        self.truncated = truncated  # the prompt was trimmed to the context (`infill_ids`)
         self.keep = keep  # n_predict 0: the prompt is prefilled (and cached), no text is returned
         self.start = time.monotonic()
         self.first: float | None = None
@@ -77,7 +118,7 @@ class InfillTimer:
         predicted = row["completion_tokens"] if self.keep else 0
         stop_type = "limit" if self.limited or row["finish_reason"] == "length" else "word" if row["stop_word"] else "eos"
         return {"content": row["text"] if self.keep else "", "stop": True, "stop_type": stop_type,
-                "stopping_word": row["stop_word"],
+                "stopping_word": row["stop_word"], "truncated": self.truncated,
                 "tokens_predicted": predicted, "tokens_evaluated": row["prompt_tokens"],
                 "tokens_cached": row["cached_tokens"], "seed": row["seed"],
                 "timings": {"prompt_n": row["prompt_tokens"] - row["cached_tokens"],

@@ -20,7 +20,8 @@ import numpy as np
 from sc2quant.core import artifact
 from sc2quant.core.console import api_output
 from sc2quant.core.errors import UserError
-from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
+from sc2quant.core.tokenizer import encode_pieces
+from sc2quant.core.tokens import STOP_TOKENS, fim_pieces
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
 from sc2quant.runtime.lookup import Drafter, trusted, verify
 from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, PrefixCache, extendable, prefill
@@ -97,7 +98,7 @@ class Chunk:
 @api_output("load")
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
          dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
-         static_cache: bool | None = None, prefix_cache_bytes: int = DEFAULT_CACHE_BYTES,
+         static_cache: bool | None = None, prefix_cache_bytes: int | None = None,
          prefill_chunk: int = DEFAULT_CHUNK, lookup_tokens: int = DEFAULT_LOOKUP) -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
 
@@ -108,7 +109,8 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     cannot take or verify=False, and then in torch, said once on stderr), "torch" or "onnx".
     static_cache: the torch engine's static KV cache and captured decode graphs (None: on CUDA
     only; see runtime/engines/torch_engine.py). prefix_cache_bytes: KV kept between requests for
-    prompt reuse (0: none), prefill_chunk: tokens per prefill call, lookup_tokens: draft tokens per
+    prompt reuse (0: none; None: 1 GiB, or one prompt's KV where that is more, as at 7B),
+    prefill_chunk: tokens per prefill call, lookup_tokens: draft tokens per
     step of lookup decoding (greedy, one prompt; 0: off), on engines that extend a cached sequence
     (ONNX, torch's dynamic cache; see runtime/prefix.py and runtime/lookup.py).
     """
@@ -146,10 +148,10 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
                  lookup_tokens=lookup_tokens)
 
 
-def check_reuse(prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK,
+def check_reuse(prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFAULT_CHUNK,
                 lookup_tokens: int = DEFAULT_LOOKUP) -> None:
     """The prompt-reuse options of `load` (the server checks them before it binds)."""
-    if prefix_cache_bytes < 0:
+    if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
         raise UserError(f"the prompt cache must be 0 (no prompt reuse) or more, got {prefix_cache_bytes} bytes")
     if prefill_chunk < 1:
         raise UserError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
@@ -157,32 +159,72 @@ def check_reuse(prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: in
         raise UserError(f"lookup tokens must be 0 (off) to {MAX_LOOKUP}, got {lookup_tokens}")
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """A prompt's token ids (FIM markers written in the text are recognised), refusing what is not
-    a prompt: not a string, not UTF-8, no tokens. Every runtime behind the server checks this way."""
-    if not isinstance(text, str):
-        raise UserError(f"prompts must be strings, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], suffix: str | None = None) -> list[int]:
+    """A prompt's token ids, refusing what is not a prompt: not text or token ids, not UTF-8, no tokens,
+    ids outside the vocabulary. Text: special-token strings written in it are recognised (FIM markers);
+    with `suffix`: StarCoder2's fill-in-the-middle prompt of the code before and after the gap, the
+    code read as plain text. Every runtime behind the server checks this way."""
+    if not isinstance(prompt, str):
+        if suffix is not None:
+            raise UserError("a suffix needs the prompt as text, not token ids")
+        return _check_ids(tokenizer, prompt)
+    for text in (prompt, suffix or ""):
+        if not isinstance(text, str):
+            raise UserError(f"prompts must be strings, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+    if suffix is not None:
+        return encode_pieces(tokenizer, fim_pieces(prompt, suffix))
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise UserError("the prompt is empty: give at least one character of code")
     return ids
+
+
+def _check_ids(tokenizer: Any, ids: Any) -> list[int]:
+    try:
+        out = [int(i) for i in ids if not isinstance(i, bool | float | str)]
+    except (TypeError, ValueError, OverflowError):
+        out = []
+    if not out or len(out) != len(ids):
+        raise UserError("a prompt is text or a non-empty list of token ids (integers)")
+    vocab = len(tokenizer)
+    if not all(0 <= i < vocab for i in out):
+        raise UserError(f"token ids must be 0 to {vocab - 1} (the tokenizer's vocabulary)")
+    return out
+
+
+Prompt = str | Sequence[int]  # text, or token ids
+Prompts = Prompt | Sequence[Prompt]  # one prompt or several
+
+
+def _single(prompt: Any) -> bool:
+    """Whether `prompt` is one prompt: text, or a non-empty list of token ids."""
+    return isinstance(prompt, str) or bool(prompt) and all(
+        isinstance(x, int | np.integer) and not isinstance(x, bool) for x in prompt)
+
+
+def _prompts(prompt: Any) -> list[Any]:
+    """One prompt (text, or token ids) or several, as a list of prompts."""
+    return [prompt if isinstance(prompt, str) else list(prompt)] if _single(prompt) else list(prompt)
 
 
 class Model:
     """A loaded model: `stream_generate` (and `generate`, `stream`, `infill`, `logits`) over any engine."""
 
     def __init__(self, engine: Engine, path: Path, manifest: artifact.Manifest | None = None,
-                 prefix_cache_bytes: int = DEFAULT_CACHE_BYTES, prefill_chunk: int = DEFAULT_CHUNK,
+                 prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFAULT_CHUNK,
                  lookup_tokens: int = DEFAULT_LOOKUP) -> None:
         check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens)
         self.engine = engine
         # prompt reuse and chunked prefill where the engine can extend a cached sequence (runtime/prefix.py)
+        slot = engine.min_state_bytes() if extendable(engine) else 0  # type: ignore[attr-defined]
+        if prefix_cache_bytes is None:  # the default holds one prompt at least, whatever the model
+            prefix_cache_bytes = max(DEFAULT_CACHE_BYTES, slot)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if extendable(engine) and prefix_cache_bytes else None
-        if self.prefix_cache is not None and prefix_cache_bytes < (slot := engine.min_state_bytes()):  # type: ignore[attr-defined]
+        if self.prefix_cache is not None and prefix_cache_bytes < slot:
             from sc2quant.core.console import console
 
             console.print(f"the prompt cache ({prefix_cache_bytes / 2**20:.1f} MiB) cannot hold one prompt of this model "
@@ -212,37 +254,37 @@ class Model:
         """Token ids of a prompt; special tokens written in the text (FIM markers) are recognised."""
         return encode_prompt(self.tokenizer, text)
 
-    def stream_generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+    def stream_generate(self, prompt: Prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
                         suffix: str | None = None) -> Iterator[Chunk]:
         """Generate for one prompt or several (of any lengths), yielding `Chunk`s as text is decoded.
 
-        suffix: fill-in-the-middle; every prompt is the code before the gap, `suffix` the code after.
+        A prompt is text (special-token strings in it are recognised) or a list of token ids.
+        suffix: fill-in-the-middle; every prompt is the code before the gap, `suffix` the code after
+        (both read as plain text).
         Every check (sampling values, empty, non-UTF-8 or too long prompts) happens before the
         first chunk, so a caller can refuse a request before it starts streaming anything.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompts(prompt)
         if not prompts:
             raise UserError("give at least one prompt")
-        if suffix is not None:
-            prompts = [fim_prompt(p, suffix) for p in prompts]
         sampling = Sampling(max_new_tokens, temperature, top_p, tuple(stop), seed)
         sampling.validate()
-        ids = [self.encode(p) for p in prompts]
+        ids = [encode_prompt(self.tokenizer, p, suffix) for p in prompts]
         longest = max(len(p) for p in ids)
         if longest >= self.context:
             raise UserError(f"the prompt has {longest} tokens but the model's context is {self.context}: shorten it")
         return self._decode(ids, sampling)
 
-    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, prompt: Prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
                  suffix: str | None = None) -> str | list[str]:
         """Complete one prompt (returns str) or several (returns a list)."""
         chunks = self.stream_generate(prompt, max_new_tokens, temperature, top_p, stop, seed, suffix)
-        texts = [""] * (1 if isinstance(prompt, str) else len(prompt))
+        texts = [""] * len(_prompts(prompt))
         for chunk in chunks:
             texts[chunk.row] += chunk.text
-        return texts[0] if isinstance(prompt, str) else texts
+        return texts[0] if _single(prompt) else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                stop: Sequence[str] = (), seed: int | None = None) -> Iterator[str]:

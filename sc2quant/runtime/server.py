@@ -34,13 +34,13 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.core.errors import UserError
-from sc2quant.core.tokens import fim_prompt
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
-from sc2quant.runtime.infill import InfillRequest, InfillTimer
+from sc2quant.runtime.infill import InfillRequest, InfillTimer, infill_ids
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 2048
@@ -69,13 +69,19 @@ class Limits:
                 f"body {self.body_bytes // 1024} KiB, header/body timeouts {self.header_timeout:g}/{self.body_timeout:g} s")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # a last chunk with `usage` and no choices, as OpenAI sends it
+
+
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
     model: str | None = None
     prompt: str | list[str]
     suffix: str | None = None
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # null: until the context or the server's limit
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -83,6 +89,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     echo: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class Gate:
@@ -135,10 +142,14 @@ class Loading:
             return {"status": "error", "reason": f"the model failed to load: {self.error}"}
         return {"status": "loading", "reason": "the model is loading"}
 
-    async def prepare(self, request: Request) -> Any:
+    def loaded(self) -> Backend:
+        """The backend, once loaded (Unavailable before)."""
         if self.backend is None:
             raise Unavailable("the model is still loading: retry when /health answers 200")
-        return await self.backend.prepare(request)
+        return self.backend
+
+    async def prepare(self, request: Request) -> Any:
+        return await self.loaded().prepare(request)
 
     def start(self, prepared: Any, done: Callable[[], None]) -> Stream:
         assert self.backend is not None  # prepare succeeded
@@ -286,25 +297,20 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
         if req.stream and len(prompts) != 1:
             return error(400, "streaming supports one prompt per request")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        request_ = Request(prompts, req.max_tokens, req.temperature, req.top_p, stop, req.seed, req.suffix)
+        max_tokens = MAX_TOKENS_LIMIT if req.max_tokens is None else req.max_tokens  # the context ends it sooner
+        request_ = Request(list(prompts), max_tokens, req.temperature, req.top_p, stop, req.seed, req.suffix)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def stream(job: Stream) -> JobStream:
-            return JobStream(job, _events(_until_cut(job, drain), cid, created, model_name, prompts[0] if req.echo else ""))
+            return JobStream(job, _events(_until_cut(job, drain), cid, created, model_name,
+                                          prompts[0] if req.echo else "", usage))
 
         def answer(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-                     "completion_tokens": sum(r["completion_tokens"] for r in rows)}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            usage["prompt_tokens_details"] = {"cached_tokens": sum(r["cached_tokens"] for r in rows)}  # as OpenAI's
-            accepted = sum(r["draft_accepted"] for r in rows)  # lookup decoding, as OpenAI's predicted outputs
-            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
-                                                  "rejected_prediction_tokens": sum(r["draft_tokens"] for r in rows)
-                                                  - accepted}
             choices = [{"text": (p if req.echo else "") + r["text"], "index": i, "logprobs": None,
                         "finish_reason": r["finish_reason"]} for i, (p, r) in enumerate(zip(prompts, rows))]
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage, "seed": rows[0]["seed"]}
+                    "choices": choices, "usage": _usage(rows), "seed": rows[0]["seed"]}
 
         return await run(request_, request, stream if req.stream else None, answer)
 
@@ -313,12 +319,17 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
         """llama.cpp server's /infill, for editor plugins written for llama-server (llama.vscode, llama.vim)."""
         if drain.stopping.is_set():
             return _stopping_error()
-        files = tuple((f.filename, f.text) for f in req.input_extra)
-        text = fim_prompt(req.input_prefix + req.prompt, req.input_suffix, files)
+        try:  # token ids, trimmed to the context as llama-server trims them (runtime/infill.py)
+            loaded = backend.loaded() if isinstance(backend, Loading) else backend
+            ids, truncated = await run_in_threadpool(infill_ids, loaded.tokenizer, loaded.context, req)
+        except UserError as exc:
+            return error(400, str(exc))
+        except Unavailable as exc:
+            return error(503, str(exc), kind="server_error", code="engine_unavailable")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         n_predict = MAX_TOKENS_LIMIT if req.n_predict < 0 else max(1, req.n_predict)  # 0: fill the cache only
-        request_ = Request([text], n_predict, req.temperature, req.top_p, stop, req.seed, None)
-        timer = InfillTimer(req.t_max_predict_ms, keep=req.n_predict != 0)
+        request_ = Request([ids], n_predict, req.temperature, req.top_p, stop, req.seed, None)
+        timer = InfillTimer(req.t_max_predict_ms, keep=req.n_predict != 0, truncated=truncated)
         if req.stream:
             return await run(request_, request, lambda job: JobStream(job, timer.events(_until_cut(job, drain), job)),
                              timer.answer)
@@ -374,22 +385,45 @@ async def _collect(job: AsyncIterator[Chunk], n: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def _events(job: AsyncIterator[Chunk], cid: str, created: int, name: str, echo: str) -> AsyncIterator[str]:
-    """Server-sent events, one per decoded piece, then `[DONE]` (OpenAI's stream format), whatever ends it."""
+def _usage(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's `usage` of a request's rows, with its details: prompt tokens reused from the cache, and
+    lookup decoding's drafts as predicted-output tokens accepted and rejected."""
+    usage: dict[str, Any] = {"prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+                             "completion_tokens": sum(r["completion_tokens"] for r in rows)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    usage["prompt_tokens_details"] = {"cached_tokens": sum(r["cached_tokens"] for r in rows)}
+    accepted = sum(r["draft_accepted"] for r in rows)
+    usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": sum(r["draft_tokens"] for r in rows) - accepted}
+    return usage
+
+
+async def _events(job: AsyncIterator[Chunk], cid: str, created: int, name: str, echo: str,
+                  include_usage: bool = False) -> AsyncIterator[str]:
+    """Server-sent events, one per decoded piece, then (include_usage) one with the usage and no choices,
+    then `[DONE]` (OpenAI's stream format), whatever ends it."""
+    extra = {"usage": None} if include_usage else {}
 
     def event(text: str, finish: str | None, seed: int | None) -> str:
         chunk = {"id": cid, "object": "text_completion", "created": created, "model": name, "seed": seed,
-                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(chunk)}\n\n"
 
     if echo:
         yield event(echo, None, None)
+    row = new_row()
     try:
         async for c in job:
+            add_chunk(row, c, keep_text=False)
             if c.text or c.finish_reason:
                 yield event(c.text, c.finish_reason, c.seed)
     except (UserError, Unavailable, Stopping) as exc:  # raised after the stream started: tell the client in the stream
         kind = "invalid_request_error" if isinstance(exc, UserError) else "server_error"
         code = "server_stopping" if isinstance(exc, Stopping) else None
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'code': code}})}\n\n"
+    else:
+        if include_usage:
+            last = {"id": cid, "object": "text_completion", "created": created, "model": name, "seed": row["seed"],
+                    "choices": [], "usage": _usage([row])}
+            yield f"data: {json.dumps(last)}\n\n"
     yield "data: [DONE]\n\n"

@@ -31,7 +31,7 @@ import httpx
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_tokenizer, read_config
-from sc2quant.core.tokens import STOP_TOKENS, fim_prompt
+from sc2quant.core.tokens import STOP_TOKENS
 from sc2quant.formats import format_of_config, get_format
 from sc2quant.runtime import Chunk, Sampling, StopFilter, encode_prompt
 from sc2quant.runtime.backends import Request, Unavailable
@@ -190,11 +190,11 @@ class VllmBackend:
         seed = sampling.resolved_seed()
         bodies = []
         for prompt in request.prompts:
-            text = prompt if request.suffix is None else fim_prompt(prompt, request.suffix)
-            n = len(encode_prompt(self.tokenizer, text))
+            ids = encode_prompt(self.tokenizer, prompt, request.suffix)  # token ids: the same tokens as the runtime's
+            n = len(ids)
             if n >= self.context:
                 raise UserError(f"the prompt has {n} tokens but the model's context is {self.context}: shorten it")
-            bodies.append({"model": self.served, "prompt": text, "max_tokens": min(request.max_tokens, self.context - n),
+            bodies.append({"model": self.served, "prompt": ids, "max_tokens": min(request.max_tokens, self.context - n),
                            "temperature": request.temperature, "top_p": request.top_p, "stop": request.stop or None,
                            "seed": seed, "stream": True, "stream_options": {"include_usage": True},
                            "stop_token_ids": self.stop_ids,  # the end of a file too, as sc2quant's runtime stops

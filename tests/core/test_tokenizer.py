@@ -11,8 +11,8 @@ import pytest
 from sc2quant.core.data import eval_documents
 from sc2quant.core.errors import UserError
 from sc2quant.core.hf import load_tokenizer
-from sc2quant.core.tokenizer import Tokenizer
-from sc2quant.core.tokens import SPECIAL_TOKENS, fim_prompt
+from sc2quant.core.tokenizer import Tokenizer, encode_pieces, encode_text
+from sc2quant.core.tokens import SPECIAL_TOKENS, fim_pieces, fim_prompt
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,23 @@ def test_special_and_fim_tokens_are_the_same_tokens(pair, text):
     assert ids == hf(text, add_special_tokens=False)["input_ids"]
     assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
     assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", [
+    "".join(SPECIAL_TOKENS) + " between <fim_prefix>and<fim_suffix> text <|endoftext|>",
+    'SEP = "<file_sep>"  # <fim_middle>\n',
+])
+def test_special_token_strings_read_as_text_the_same_way(pair, text):
+    """`/infill` and FIM read code as text (`encode_text`): both tokenizers, none of the ids special."""
+    ours, hf = pair
+    ids = encode_text(ours, text)
+    assert ids == encode_text(hf, text) == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    specials = {ours.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert not specials & set(ids) and ours.decode(ids) == text
+    assert specials & set(ours.encode(text))  # read as a prompt, the same strings are special tokens
+    pieces = fim_pieces("a = '<fim_middle>'\n", "<|endoftext|>", files=(("b.py", "<fim_suffix>"),))
+    assert encode_pieces(ours, pieces) == encode_pieces(hf, pieces)
+    assert sum(i in specials for i in encode_pieces(ours, pieces)) == 6  # repo, 2 file_sep, prefix, suffix, middle
 
 
 def test_roles_and_sizes_match(pair):

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from sc2quant.core.tokens import fim_prompt
+from sc2quant.core.tokens import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
 from sc2quant.runtime import load
 from tests.serving import start_server, stop_server
 
@@ -38,10 +38,30 @@ def served(onnx_int4_artifact):
         stop_server(proc)
 
 
+def _ids(model, body: dict, keep_prefix: int | None = None) -> list[int]:
+    """The prompt written out by hand as llama-server builds it: each piece tokenized as plain text
+    (special-token strings in code stay code), the prefix and the cursor's line apart."""
+    tok = model.tokenizer
+
+    def text(t: str) -> list[int]:
+        return tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t else []
+
+    def special(t: str) -> list[int]:
+        return [tok.convert_tokens_to_ids(t)]
+
+    extra = []
+    if body["input_extra"]:
+        extra = special(REPO_NAME)
+        for f in body["input_extra"]:
+            extra += special(FILE_SEP) + text(f"{f['filename']}\n{f['text']}")
+        extra += special(FILE_SEP)
+    prefix = text(body["input_prefix"])[-keep_prefix if keep_prefix else 0:]
+    return (extra + special(FIM_PREFIX) + prefix + text(body["prompt"]) + special(FIM_SUFFIX)
+            + text(body["input_suffix"]) + special(FIM_MIDDLE))
+
+
 def _expected(model, body: dict) -> str:
-    files = tuple((f["filename"], f["text"]) for f in body["input_extra"])
-    return model.generate(fim_prompt(body["input_prefix"] + body["prompt"], body["input_suffix"], files),
-                          max_new_tokens=body["n_predict"])
+    return model.generate(_ids(model, body), max_new_tokens=body["n_predict"])
 
 
 def test_llama_vscode_requests_get_llama_server_answers(served):
@@ -62,7 +82,10 @@ def test_llama_vim_request_and_the_openai_suffix_route_agree(served):
     assert got["content"] == _expected(model, VIM) and got["content"]
     openai = httpx.post(url + "/v1/completions", json={"prompt": VIM_PREFIX + VIM_LINE, "suffix": VIM_SUFFIX,
                                                        "max_tokens": 16, "temperature": 0}, timeout=60).json()
-    assert openai["choices"][0]["text"] == got["content"]  # one generation path for both routes
+    whole_line = httpx.post(url + "/infill", json={**VIM, "input_prefix": VIM_PREFIX + VIM_LINE, "prompt": ""},
+                            timeout=60).json()
+    assert openai["choices"][0]["text"] == whole_line["content"]  # one generation path for both routes
+    assert whole_line["content"] == model.infill(VIM_PREFIX + VIM_LINE, VIM_SUFFIX, max_new_tokens=16)
 
 
 def test_streamed_infill_is_the_same_text_then_a_final_answer(served):
@@ -88,7 +111,7 @@ def test_the_time_limit_stops_generation(served):
 @pytest.mark.parametrize("body,message", [
     ({**VIM, "input_extra": "util.py"}, "input_extra"),
     ({**VIM, "n_predict": 100000}, "n_predict"),
-    ({**VIM, "input_prefix": "x = 1\n" * 3000}, "context"),
+    ({**VIM, "prompt": "x = 1; " * 3000}, "context"),
     ({**VIM, "temperature": -1}, "temperature"),
 ])
 def test_bad_infill_requests_get_400_with_one_message(served, body, message):
@@ -119,7 +142,7 @@ def test_a_json_body_is_read_whatever_its_content_type(served, headers):
     url, model = served
     body = json.dumps({**VSCODE, "input_extra": []}).encode()
     got = httpx.post(url + "/infill", content=body, headers=headers, timeout=60)
-    assert got.status_code == 200 and got.json()["content"] == model.infill(PREFIX + LINE, SUFFIX, max_new_tokens=16)
+    assert got.status_code == 200 and got.json()["content"] == _expected(model, {**VSCODE, "input_extra": []})
     completion = httpx.post(url + "/v1/completions", content=b'{"prompt": "def f(", "max_tokens": 2, "temperature": 0}',
                             headers=headers, timeout=60)
     assert completion.status_code == 200, completion.text
@@ -137,3 +160,45 @@ def test_one_temperature_range_everywhere(served, value):
     with pytest.raises(UserError, match="between 0.001 and 2"):
         model.generate("x", temperature=value)
     assert httpx.post(url + "/infill", json={**VIM, "temperature": 2.0, "seed": 1}, timeout=60).status_code == 200
+
+
+def test_special_token_strings_in_the_code_are_code(served):
+    """Found by the red team: code containing `<fim_middle>` or `<|endoftext|>` was read as those tokens
+    (the prompt ended early, or a file ended mid-prefix); llama-server tokenizes the pieces as text."""
+    url, model = served
+    body = {**VIM, "input_prefix": f'SEP = "{FIM_MIDDLE}"\nEND = "{EOS}"\n' + VIM_PREFIX,
+            "input_extra": [{"filename": "a.py", "text": f"# {FIM_PREFIX} {FILE_SEP}\n"}]}
+    got = httpx.post(url + "/infill", json=body, timeout=60).json()
+    ids = _ids(model, body)
+    specials = {model.tokenizer.convert_tokens_to_ids(t) for t in (FIM_MIDDLE, EOS, FIM_PREFIX, FILE_SEP)}
+    assert sum(i in specials for i in ids) == 4  # the two <file_sep>, the prompt's <fim_prefix> and <fim_middle>
+    assert got["tokens_evaluated"] == len(ids) and got["content"] == _expected(model, body)
+    openai = httpx.post(url + "/v1/completions", json={"prompt": body["input_prefix"], "suffix": VIM_SUFFIX,
+                                                       "max_tokens": 8, "temperature": 0}, timeout=60).json()
+    assert openai["usage"]["prompt_tokens"] == len(_ids(model, {**body, "input_extra": [], "prompt": ""}))
+
+
+def test_prompts_beyond_the_context_are_trimmed_as_llama_server_trims_them(served):
+    """Found by the red team: a long file got 400 where llama-server keeps the prefix's last 3B/4 tokens, the
+    suffix's first B/4 - 2 - len(prompt) and the other files' last context - B - 2 n_predict tokens
+    (B = min(2048, context / 2): llama-server's batch, less where the context is small)."""
+    url, model = served
+    batch = min(2048, model.context // 2)
+    lines = "".join(f"value_{i} = compute({i})\n" for i in range(2000))
+    body = {**VIM, "input_prefix": lines + VIM_PREFIX, "input_suffix": VIM_SUFFIX + lines,
+            "input_extra": [{"filename": "big.py", "text": lines}], "n_predict": 8}
+    got = httpx.post(url + "/infill", json=body, timeout=120).json()
+    assert got["truncated"] is True and got["tokens_evaluated"] < model.context
+    tok = model.tokenizer
+    suffix = tok(body["input_suffix"], add_special_tokens=False)["input_ids"]
+    line = tok(body["prompt"], add_special_tokens=False)["input_ids"]
+    n_suffix = batch // 4 - 2 - len(line)
+    n_extra = max(0, model.context - batch - 2 * body["n_predict"])
+    expected = _ids(model, {**body, "input_extra": [], "input_suffix": ""}, keep_prefix=3 * (batch // 4))
+    expected = expected[:-1] + suffix[:n_suffix] + expected[-1:]
+    extra = _ids(model, {**body, "input_prefix": "", "prompt": "", "input_suffix": ""})[:-3]  # the other file
+    expected = (extra[len(extra) - n_extra:] if n_extra else []) + expected
+    assert got["tokens_evaluated"] == len(expected)
+    assert got["content"] == model.generate(expected, max_new_tokens=8)
+    small = httpx.post(url + "/infill", json=VIM, timeout=60).json()
+    assert small["truncated"] is False

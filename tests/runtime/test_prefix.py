@@ -155,3 +155,18 @@ def test_a_cache_smaller_than_one_prompt_says_so(onnx_int4_artifact, capsys):
     assert "cannot hold" not in capsys.readouterr().err
     enough.generate("def f(x):", max_new_tokens=2)
     assert enough.prefix_cache.describe()["entries"] == 1
+
+
+def test_the_default_cache_holds_one_prompt_of_any_model(onnx_int4_artifact, capsys, monkeypatch):
+    """At 7B one prompt's KV (its whole 16,384-token context, fp32: 2 GiB) outgrew the 1 GiB default, so
+    an editor pointed at a 7B export reused nothing by default; the default is now one prompt at least.
+    Here the fixed part of the default is made smaller than the embedded export's slot (3 MiB)."""
+    import sc2quant.runtime.model as model_module
+
+    monkeypatch.setattr(model_module, "DEFAULT_CACHE_BYTES", 1 << 20)
+    model = load(onnx_int4_artifact)
+    assert "cannot hold" not in capsys.readouterr().err
+    assert model.prefix_cache.max_bytes == model.engine.min_state_bytes() > 1 << 20
+    model.generate("def f(x):\n    return", max_new_tokens=2)
+    again = list(model.stream_generate("def f(x):\n    return x", max_new_tokens=2))
+    assert model.prefix_cache.describe()["entries"] == 1 and again[-1].cached_tokens > 0

@@ -58,6 +58,25 @@ def test_streaming_concatenates_to_the_same_text(server):
     assert done and "".join(pieces) == full and len(pieces) > 1
 
 
+def test_usage_streamed_on_request_and_max_tokens_null(server, embedded_model_dir):
+    """OpenAI clients send `stream_options: {"include_usage": true}` (a last chunk with the usage and no
+    choices, `usage: null` before) and `max_tokens: null` (until the context ends)."""
+    body = {"prompt": "import os\n\ndef main():\n", "max_tokens": 12, "temperature": 0}
+    whole = httpx.post(server + "/v1/completions", json=body, timeout=60).json()
+    with httpx.stream("POST", server + "/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all(e["usage"] is None and e["choices"] for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert all("usage" not in json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+    unbounded = httpx.post(server + "/v1/completions", timeout=120,
+                           json={"prompt": "x = [", "max_tokens": None, "temperature": 0, "stop": ["\n\n\n"]})
+    assert unbounded.status_code == 200, unbounded.text
+    assert unbounded.json()["usage"]["completion_tokens"] > 16  # not the default of 16
+
+
 def test_fim_with_suffix(server):
     body = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n", "max_tokens": 16, "temperature": 0}
     r = httpx.post(server + "/v1/completions", json=body, timeout=60)
