@@ -27,7 +27,7 @@ prompt tokens prefilled per request, lookup acceptance, peak RSS of the server p
 ratio to llama-server within each round. Run on an otherwise idle machine. The embedded model is
 trained (its completions and lookup acceptance mean something); the 315M model has random weights
 with real proportions (speed and memory only: its text is noise, decodable by construction).
-Results: bench/results/<date>-<cpu>-editor.{md,json}.
+Results: bench/results/<date>-<cpu>-editor.{md,json} (`--sessions 1`: -editor-1session, ...).
 """
 
 from __future__ import annotations
@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             result["models"][label] = entry = bench_model(label, source, work, a)
             summarize(entry)
     text = render(result)
-    write_named(result, "editor", text, a.out)
+    # one results file per set of session counts: a run of one count never replaces another's
+    write_named(result, "editor" if a.sessions == [1, 4] else "editor-" + "-".join(map(str, a.sessions)) + "session",
+                text, a.out)
     print(text)
     return 0
 
