@@ -55,6 +55,8 @@ def methods(model: Path, work: Path, gptq_samples: int, shape: str) -> list[dict
          None, None),
         ("run ONNX int4 (load + 8 tokens)", ["run", str(work / "onnx-int4"), "--prompt", "def f(x):",
                                              "--max-new-tokens", "8"], None, None),
+        # the same command again: the first run saved ONNX Runtime's prepacked weights, this one maps them
+        (AGAIN, ["run", str(work / "onnx-int4"), "--prompt", "def f(x):", "--max-new-tokens", "8"], None, None),
     ]
     if shape == "3b":
         gptq = work / "gptq"
@@ -63,14 +65,19 @@ def methods(model: Path, work: Path, gptq_samples: int, shape: str) -> list[dict
     return [dict(zip(("name", "args", "out", "footprint"), r)) for r in runs]
 
 
-def measure(args: list[str]) -> dict[str, Any]:
+def measure(args: list[str], cache: Path | None = None) -> dict[str, Any]:
+    """One command's wall time and peak RSS; sc2quant's user cache empty (a first run: GPTQ converted for
+    ONNX, prepacked weights saved), or `cache` (kept between the rows that share it)."""
     t = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sc2quant-cache-") as cache:  # a first run: GPTQ converted for ONNX
-        _, peak = run_child([*SC2QUANT, *args], env={"HF_HUB_OFFLINE": "1", "SC2QUANT_CACHE": cache})
+    with tempfile.TemporaryDirectory(prefix="sc2quant-cache-") as tmp:
+        _, peak = run_child([*SC2QUANT, *args], env={"HF_HUB_OFFLINE": "1", "SC2QUANT_CACHE": str(cache or tmp)})
     return {"seconds": time.monotonic() - t, "peak_rss_bytes": peak}
 
 
 KEPT = {"rtn-int4-g128", "onnx-int4"}  # outputs later rows load
+FIRST_RUN = "run ONNX int4 (load + 8 tokens)"
+AGAIN = "run ONNX int4 again (prepacked weights mapped)"
+RUN_BOUND = int(1.0 * GB)  # issue 28: `run` of an int4 export within its artifact + 1.0 GB
 MARK = ".sc2quant-bench-scale"  # in every folder this bench makes, so that only those are ever removed
 
 
@@ -87,7 +94,7 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -> dict[str, Any]:
+def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None, only: list[str] | None = None) -> dict[str, Any]:
     from sc2quant.footprint import PRESETS, predict_method
 
     model = root / f"starcoder2-{shape}-random"
@@ -95,10 +102,13 @@ def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -
         with console.status(f"writing a random {shape} StarCoder2"):
             write_random_sharded(model, **REAL_SHAPES[shape])
     work = fresh_dir(root / f"{shape}-outputs")
+    shared = fresh_dir(root / f"{shape}-cache")  # the first ONNX run's user cache, which the next one maps
     rows = []
     for run in methods(model, work, gptq_samples, shape):
+        if only and run["name"] not in only:
+            continue
         console.print(f"{shape}: {run['name']}")
-        row = {"method": run["name"], **measure(run["args"])}
+        row = {"method": run["name"], **measure(run["args"], shared if run["name"] in (FIRST_RUN, AGAIN) else None)}
         if run["out"] is not None:
             row["bytes_written"] = dir_bytes(run["out"])
             if run["footprint"]:
@@ -111,7 +121,7 @@ def run_shape(shape: str, root: Path, gptq_samples: int, progress: Any = None) -
             progress(rows)  # written after every row: a late failure (a full disk) loses nothing measured
         if run["out"] is not None and run["out"].name not in KEPT:
             shutil.rmtree(run["out"])  # measured; later rows read only the KEPT outputs (disk: 7B ~ 40 GB)
-    if shape == "7b":
+    if shape == "7b" and not only:
         rows.append(gptq_per_layer(root, gptq_samples))
     return {"model": str(model), "model_bytes": dir_bytes(model), "rows": rows}
 
@@ -121,7 +131,9 @@ def bound(run: dict[str, Any], row: dict[str, Any], shape: str, gptq_samples: in
     layer's working set (its weights in fp32 and the Hessians, d_in^2 fp32 per distinct input) +
     the calibration activations (a layer's inputs and outputs, fp32) + the output."""
     held = row["bytes_written"] or dir_bytes(Path(run["args"][1]))
-    if "gptq" not in run["name"] or not run["name"].startswith("quantize"):
+    if run["name"] in (FIRST_RUN, AGAIN):
+        total = held + RUN_BOUND
+    elif "gptq" not in run["name"] or not run["name"].startswith("quantize"):
         total = held + BOUND
     else:
         c = {**REAL_SHAPES[shape], "seqlen": 512}
@@ -242,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun", action="append", default=[], metavar="SHAPE:METHOD",
                     help="measure this row again in an existing run's json (its outputs still in --work)")
     ap.add_argument("--rerender", type=Path, help="a scale .json: recompute bounds, write the files again")
+    ap.add_argument("--only", action="append", default=[], metavar="METHOD",
+                    help="measure only these rows (and write <date>-scale-only.{md,json}); a row that loads an output "
+                         "needs the row that writes it")
     a = ap.parse_args(argv)
     if a.rerender:
         result = json.loads(a.rerender.read_text())
@@ -263,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": tool_versions(),
-                              "shapes": {}}
-    earlier = a.out / f"{result['date']}-scale.json"
+                              "shapes": {}, "only": a.only,
+                              "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])}
+    earlier = a.out / f"{result['date']}-scale{'-only' if a.only else ''}.json"
     if earlier.exists():  # today's other shapes stay in the file
         result["shapes"] = {k: v for k, v in json.loads(earlier.read_text())["shapes"].items()
                             if k not in a.shapes.split(",")}
@@ -275,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "partial": True}
             _write(result, a.out)
 
-        result["shapes"][shape] = run_shape(shape, a.work, a.gptq_samples, progress)
+        result["shapes"][shape] = run_shape(shape, a.work, a.gptq_samples, progress, a.only)
         _write(result, a.out)
     result["projection_15b"] = project_15b(result)
     console.print(f"[green]wrote[/] {_write(result, a.out)}")
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(result: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{result['date']}-scale"
+    stem = out / f"{result['date']}-scale{'-only' if result.get('only') else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(render(result))
     return stem.with_suffix(".md")

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sc2quant.core.errors import IntegrityError, UserError
-from sc2quant.core.files import read_json, sha256_file
+from sc2quant.core.files import known_sha256, read_json, sha256_file
 from sc2quant.core.names import WEIGHT_SUFFIXES
 from sc2quant.core.system import tool_versions
 
@@ -362,7 +362,8 @@ def is_artifact(path: Path) -> bool:
 
 
 def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
-    """Check every listed file's size and sha256, and that no unlisted weight file exists."""
+    """Check every listed file's size and sha256 (not hashed again while provably unchanged since it was:
+    `known_sha256`), and that no unlisted weight file exists."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
     root = path.resolve()
@@ -385,7 +386,7 @@ def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
         if not file.is_file():
             raise IntegrityError(f"{path} is incomplete: {name} is missing; recreate the artifact")
         try:
-            changed = file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]
+            changed = file.stat().st_size != entry["bytes"] or known_sha256(file) != entry["sha256"]
         except UserError as exc:  # not a regular file
             raise IntegrityError(f"{name} in {path}: {exc}") from exc
         except OSError as exc:

@@ -56,6 +56,44 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def cache_base() -> Path:
+    """The user cache: $SC2QUANT_CACHE, else $XDG_CACHE_HOME/sc2quant, else ~/.cache/sc2quant."""
+    base = os.environ.get("SC2QUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sc2quant"
+    return Path(base)
+
+
+SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within its timestamps' granularity
+
+
+def known_sha256(path: Path) -> str:
+    """sha256 of `path`, taken from the record of an earlier hash when the file is provably the same file,
+    unchanged since: same device, inode, size, modification and change time (any write changes the
+    change time, which no user can set back). Otherwise hashed, and recorded in the user cache
+    (`verified/`) once the file has been still for two seconds (a write within the timestamps'
+    granularity would go unseen). Loading a 4.6 GB artifact otherwise hashes it on every load."""
+    import time
+
+    info = os.stat(path)
+    ident = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+    record = cache_base() / "verified" / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
+    try:
+        known = json.loads(record.read_text())
+        if known["stat"] == ident and isinstance(known["sha256"], str):
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > SETTLED_NS:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            part = record.with_name(f".{record.name}.{os.getpid()}")
+            part.write_text(json.dumps({"stat": ident, "sha256": digest, "path": str(path)}))
+            part.replace(record)
+        except OSError:  # a read-only cache: hashed again next time
+            pass
+    return digest
+
+
 def dir_bytes(path: Path) -> int:
     """Bytes of a file, or of every file under a directory."""
     path = Path(path)

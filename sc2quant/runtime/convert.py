@@ -12,68 +12,20 @@ loaded: a load's peak is the larger of the two, not their sum (3B: 5.9 GB in one
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import IntegrityError, UserError
+from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
 
 CONVERSION = {"weights": "int4", "dtype": "fp32", "lm_head": "float"}  # what GPTQ itself keeps
-
-
-def cache_root() -> Path:
-    base = os.environ.get("SC2QUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sc2quant"
-    return Path(base) / "converted"
-
-
-def writable_cache_root() -> Path:
-    """`cache_root()`, created; when it cannot be written (a read-only $HOME) and SC2QUANT_CACHE was not
-    given, a private folder under the system's temporary directory, said once on stderr."""
-    from sc2quant.core.console import console
-
-    root = cache_root()
-    problem = _unwritable(root)
-    if problem is None:
-        return root
-    if os.environ.get("SC2QUANT_CACHE"):
-        raise UserError(f"cannot write the conversion cache {root} ({problem}): set SC2QUANT_CACHE to a writable "
-                        "directory, or run with --engine torch")
-    fallback = Path(tempfile.gettempdir()) / f"sc2quant-{os.getuid()}" / "converted"
-    if _unwritable(fallback, private=True) is not None:
-        raise UserError(f"cannot write the conversion cache {root} ({problem}): set SC2QUANT_CACHE to a writable "
-                        "directory, or run with --engine torch")
-    console.print(f"the conversion cache {root} is not writable ({problem}): using {fallback} "
-                  "(set SC2QUANT_CACHE to keep conversions)", highlight=False, markup=False)
-    return fallback
-
-
-def _unwritable(root: Path, private: bool = False) -> str | None:
-    """Why `root` cannot hold cache entries (None: it can). private: created 0700, and refused unless
-    it is a real directory of this user (a shared temporary directory)."""
-    try:
-        if private:
-            root.parent.mkdir(mode=0o700, exist_ok=True)
-            info = os.lstat(root.parent)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-                return f"{root.parent} is not a private directory of this user"
-        root.mkdir(parents=True, exist_ok=True)
-        if not os.access(root, os.W_OK | os.X_OK):
-            return "permission denied"
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115 - closed at once
-        probe.close()
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
+KIND = "converted"  # the cache's folder of conversions (runtime/cache.py)
 
 
 def _ready(out: Path) -> bool:
@@ -88,25 +40,6 @@ def _ready(out: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock(lock: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock on `lock` (a file beside the cache entry), waiting for another process
-    converting the same artifact; released when the process ends, however it ends."""
-    from sc2quant.core.console import console
-
-    with open(lock, "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"waiting for another sc2quant process converting {name} to ONNX", highlight=False,
-                          markup=False)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def converted_onnx(path: Path, manifest: artifact.Manifest) -> Path:
     """The ONNX form of GPTQ artifact `path`, converting it on first use.
 
@@ -116,18 +49,13 @@ def converted_onnx(path: Path, manifest: artifact.Manifest) -> Path:
     from sc2quant.core.version import __version__
 
     key = hashlib.sha256(json.dumps([manifest.files, CONVERSION, __version__], sort_keys=True).encode()).hexdigest()
-    root = cache_root()
+    root = cache_root(KIND)
     out = root / f"{path.name}-{key[:16]}"
     if _ready(out):
         return out
-    root = writable_cache_root()
+    root = writable_cache_root(KIND)
     out = root / f"{path.name}-{key[:16]}"
-    locks = root.parent / "locks"  # beside the cache, not in it: the cache holds only entries
-    try:
-        locks.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {locks} ({exc.strerror}): set SC2QUANT_CACHE to a writable directory") from exc
-    with _lock(locks / f"{out.name}.lock", path.name):
+    with entry_lock(out, f"another sc2quant process converting {path.name} to ONNX"):
         if _ready(out):  # converted by the process we waited for
             return out
         console.print(f"converting {path.name} to ONNX Runtime's int4 kernels once (cached in {out})", highlight=False)

@@ -100,7 +100,8 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
          dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
          static_cache: bool | None = None, prefix_cache_bytes: int | None = None,
          prefill_chunk: int = DEFAULT_CHUNK, lookup_tokens: int = DEFAULT_LOOKUP) -> Model:
-    """Open an artifact (manifest checked, checksums verified unless verify=False) or a model directory.
+    """Open an artifact (manifest checked, checksums verified unless verify=False: a file unchanged since it
+    was last verified is not hashed again, `sc2quant.core.files.known_sha256`) or a model directory.
 
     threads: CPU threads for every engine. dtype: compute dtype where the artifact leaves a choice
     ("auto": the compute policy of `sc2quant.core.hf`). profile_dir: ONNX Runtime's operator profile.

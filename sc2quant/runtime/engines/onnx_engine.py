@@ -24,6 +24,7 @@ from sc2quant.core.files import read_json
 from sc2quant.core.hf import check_genai_sizes
 from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
 from sc2quant.core.tokenizer import Tokenizer
+from sc2quant.runtime import prepacked
 from sc2quant.runtime.engines.base import EngineOptions
 from sc2quant.runtime.lookup import INT8_ACTIVATIONS
 
@@ -42,8 +43,6 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: str | Path, options: EngineOptions, kind: str = "onnx") -> None:
-        import onnxruntime as ort
-
         self.kind = kind
         self.path = Path(path)
         genai = read_genai_config(self.path)
@@ -62,9 +61,10 @@ class OnnxEngine:
             raise UserError(f"{path} was exported with a window-sized KV cache, which OnnxEngine does not run: "
                             "re-export it with `sc2quant export onnx`")
         try:
-            self.session = ort.InferenceSession(str(self.path / decoder["filename"]),
-                                                _session_options(options.threads, options.profile_dir),
-                                                providers=_providers(self.device))
+            # int4 weights prepacked for this CPU once, mapped from the user cache on later loads
+            self.session = prepacked.session(self.path / decoder["filename"],
+                                             lambda: _session_options(options.threads, options.profile_dir),
+                                             _providers(self.device), self.device)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for missing or damaged files
             reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise UserError(f"ONNX Runtime cannot load {self.path.name} ({reason}): its files are damaged or "

@@ -1,0 +1,169 @@
+"""ONNX Runtime's prepacked weights, saved once per machine and mapped on later loads.
+
+When a session starts, ONNX Runtime repacks every int4 `MatMulNBits` weight into the layout of this
+CPU's kernel ("prepacking"): for the 315M bench model's export most of the session's start, and a
+second copy of the weights in memory. ORT can write the optimized graph with those packed blobs to
+a file (`session.save_external_prepacked_constant_initializers`, ORT PR 23069); a later session
+maps them from there instead of packing again, with the same outputs bit for bit (tested).
+
+The packing depends on the CPU and on ORT's version, so an entry is keyed by the artifact's
+checksums and files (sizes, modification times), ORT's version and the CPU (model name and
+instruction set). Entries live in the user cache (`prepacked/<artifact>-<key>`, runtime/cache.py),
+are built by the first load under a lock (a second process waits, then maps the result), written
+in a staging folder and renamed into place, and carry a small manifest of their files' sizes and
+times, checked on every load (hashing half a gigabyte on each load would cost what the entry
+saves); a changed or partial entry is built again. One entry per artifact folder: building a new
+one removes the entries an earlier version of the same folder left.
+
+Skipped, with a plain session, on CUDA, for graphs without a manifest, where the cache cannot be
+written or the disk has not room for about three times the weights, and with SC2QUANT_PREPACKED=0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sc2quant.core import artifact
+from sc2quant.core.errors import UserError
+
+KIND = "prepacked"  # the cache's folder of these entries
+GRAPH = "model.opt.onnx"
+DATA = "model.opt.onnx.data"
+MANIFEST = "prepacked.json"
+ROOM_FACTOR = 3  # disk wanted, in units of the artifact's weights: the saved file holds them and their packed copy
+
+
+def session(model_file: Path, options: Callable[[], Any], providers: list[str], device: str) -> Any:
+    """An ONNX Runtime session of `model_file` (in an artifact folder), `options()` making its
+    SessionOptions: mapped from its cached prepacked form when there is one, else built and its
+    prepacked form saved for the next load; a plain session where caching does not apply."""
+    import onnxruntime as ort
+
+    folder = model_file.parent
+    key = _key(folder) if device == "cpu" and os.environ.get("SC2QUANT_PREPACKED", "1") != "0" else None
+    if key is None:
+        return ort.InferenceSession(str(model_file), options(), providers=providers)
+    from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
+
+    entry = cache_root(KIND) / f"{folder.name}-{key[:16]}"
+    if (mapped := _open(entry, options, providers)) is not None:
+        return mapped
+    try:
+        entry = writable_cache_root(KIND, fix="or set SC2QUANT_PREPACKED=0") / entry.name
+        with entry_lock(entry, f"another sc2quant process preparing {folder.name}'s weights for this CPU"):
+            if (mapped := _open(entry, options, providers)) is not None:  # built by the process we waited for
+                return mapped
+            return _build(model_file, entry, options, providers)
+    except UserError as exc:  # no cache to write: this load runs as it would without one
+        from sc2quant.core.console import console
+
+        console.print(f"not saving prepacked weights ({exc})", highlight=False, markup=False)
+        return ort.InferenceSession(str(model_file), options(), providers=providers)
+
+
+def _key(folder: Path) -> str | None:
+    """What the packed weights depend on: the artifact's files and checksums, ORT, the CPU."""
+    import onnxruntime as ort
+
+    try:
+        manifest = artifact.read_manifest(folder)
+    except UserError:  # not an artifact (a graph written by hand): nothing to key a cache entry by
+        return None
+    stats = {name: _stat(folder / name) for name in sorted(manifest.files)}
+    parts = [manifest.files, stats, ort.__version__, _cpu()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _cpu() -> str:
+    """The CPU's model name and instruction-set flags (Linux), else what Python knows of it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    return " ".join(fields.get(k, "").strip() for k in ("model name", "flags")) or platform.machine()
+
+
+def _open(entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
+    """A session mapped from cache entry `entry` if it is whole (None otherwise; a damaged one is removed)."""
+    import onnxruntime as ort
+
+    if not entry.is_dir():
+        return None
+    try:
+        recorded = json.loads((entry / MANIFEST).read_text())["files"]
+        whole = recorded.keys() == {GRAPH, DATA} and all(_stat(entry / name) == recorded[name] for name in recorded)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        whole = False
+    if whole:
+        saved = options()
+        saved.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized when it was saved
+        try:
+            return ort.InferenceSession(str(entry / GRAPH), saved, providers=providers)
+        except Exception:  # noqa: BLE001 - ORT's own exception types: a damaged entry is built again
+            pass
+    shutil.rmtree(entry, ignore_errors=True)  # our own cache entry, changed or partial
+    return None
+
+
+def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
+    """A session of `model_file` that also writes its optimized graph with the packed weights to `entry`."""
+    import onnxruntime as ort
+
+    weights = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.is_file())
+    free = shutil.disk_usage(entry.parent).free
+    if free < ROOM_FACTOR * weights:
+        raise UserError(f"{free / 2**30:.1f} GiB free in {entry.parent}, about {ROOM_FACTOR * weights / 2**30:.1f} "
+                        "wanted: free some space or set SC2QUANT_CACHE elsewhere")
+    _drop_older(entry, model_file.parent)
+    for stale in entry.parent.glob(f".{entry.name}.partial-*"):  # a build killed midway (we hold its lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = entry.parent / f".{entry.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        saving = options()
+        saving.optimized_model_filepath = str(staging / GRAPH)
+        saving.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        saving.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+        saving.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            made = ort.InferenceSession(str(model_file), saving, providers=providers)
+        except Exception:  # noqa: BLE001 - saving failed (a full disk, an ORT without the option): run without it
+            return ort.InferenceSession(str(model_file), options(), providers=providers)
+        files = {name: _stat(staging / name) for name in (GRAPH, DATA)}
+        if None not in files.values():  # else this ORT wrote no external file: nothing worth keeping
+            record = {"files": files, "source": str(model_file.parent.resolve()), "onnxruntime": ort.__version__}
+            try:
+                (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
+                os.replace(staging, entry)
+            except OSError:  # a full disk, a leftover entry that could not be removed: the session runs anyway
+                pass
+        return made
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _drop_older(entry: Path, source: Path) -> None:
+    """Remove the entries an earlier version of the same artifact folder left (our own files)."""
+    where = str(source.resolve())
+    for other in entry.parent.glob(f"{source.name}-*"):
+        try:
+            if other != entry and json.loads((other / MANIFEST).read_text()).get("source") == where:
+                shutil.rmtree(other, ignore_errors=True)
+        except (OSError, ValueError, AttributeError):
+            continue

@@ -1,0 +1,105 @@
+"""`known_sha256`: a file's checksum is not computed again while the file is provably unchanged since
+it was (same inode, size, modification and change time), and is whenever anything about it changed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sc2quant.core import artifact, files
+from sc2quant.core.errors import IntegrityError
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "SETTLED_NS", 0)  # the file below is seconds old at most
+    calls = []
+    real = files.sha256_file
+
+    def counting(path, *a, **k):
+        calls.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files, "sha256_file", counting)
+    return calls
+
+
+def test_an_unchanged_file_is_hashed_once(tmp_path, counted):
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(1 << 16))
+    first = files.known_sha256(f)
+    assert files.known_sha256(f) == first == files.sha256_file(f) and len(counted) == 2  # the last call is ours
+
+
+@pytest.mark.parametrize("change", ["same size", "times restored", "replaced", "appended"])
+def test_any_change_is_hashed_again(tmp_path, counted, change):
+    f = tmp_path / "w.bin"
+    data = os.urandom(1 << 16)
+    f.write_bytes(data)
+    before = files.known_sha256(f)
+    info = f.stat()
+    if change == "same size":
+        f.write_bytes(bytes(len(data)))
+    elif change == "times restored":  # modified, then its modification time set back: the change time moves on
+        with open(f, "r+b") as fh:
+            fh.write(b"\0" * 16)
+        os.utime(f, ns=(info.st_atime_ns, info.st_mtime_ns))
+    elif change == "replaced":
+        other = tmp_path / "other.bin"
+        other.write_bytes(bytes(len(data)))
+        os.utime(other, ns=(info.st_atime_ns, info.st_mtime_ns))
+        other.replace(f)
+    else:
+        with open(f, "ab") as fh:
+            fh.write(b"x")
+    assert files.known_sha256(f) != before and len(counted) == 2
+
+
+def test_a_forged_or_broken_record_is_not_believed(tmp_path, counted):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    truth = files.known_sha256(f)
+    [record] = (tmp_path / "cache" / "verified").iterdir()
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "stat": [0, 0, 7, 0, 0], "sha256": "0" * 64}))
+    assert files.known_sha256(f) == truth
+    record.write_text("{")
+    assert files.known_sha256(f) == truth and len(counted) == 3
+
+
+def test_a_recently_changed_file_is_not_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"fresh")
+    files.known_sha256(f)  # written a moment ago: a write in the same timestamp tick could go unseen
+    assert not (tmp_path / "cache" / "verified").exists()
+
+
+def test_an_unwritable_cache_still_verifies(tmp_path, counted, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "file" / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    assert files.known_sha256(f) == files.known_sha256(f)
+
+
+def test_verify_catches_damage_after_a_verified_load(onnx_int4_artifact, tmp_path, counted):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(onnx_int4_artifact, art)
+    artifact.verify(art)
+    hashed = len(counted)
+    artifact.verify(art)
+    assert len(counted) == hashed  # nothing hashed again
+    data = art / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    info = data.stat()
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        artifact.verify(art)

@@ -1,0 +1,138 @@
+"""ONNX Runtime's prepacked weights, saved once and mapped on later loads (runtime/prepacked.py): the
+same outputs bit for bit, one entry per artifact, rebuilt when damaged or stale, and never a failed
+load because the cache could not be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sc2quant.runtime import load, prepacked
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
+
+
+def _outputs(path: Path) -> np.ndarray:
+    """The prompt's last logits and four greedy steps' logits, stacked."""
+    model = load(path, prefix_cache_bytes=0)
+    state, logits = model.engine.start([model.encode(PROMPT)])
+    rows = [logits]
+    for _ in range(4):
+        logits = model.engine.step(state, logits.argmax(-1))
+        rows.append(logits)
+    return np.concatenate(rows)
+
+
+def _entries(cache: Path) -> list[Path]:
+    root = cache / prepacked.KIND
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+@pytest.fixture
+def artifact_copy(onnx_int4_artifact, tmp_path) -> Path:
+    out = tmp_path / "onnx-int4"
+    shutil.copytree(onnx_int4_artifact, out)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SC2QUANT_PREPACKED", raising=False)
+    return tmp_path / "cache"
+
+
+def test_mapped_weights_give_the_same_outputs_bit_for_bit(artifact_copy, cache, monkeypatch):
+    monkeypatch.setenv("SC2QUANT_PREPACKED", "0")
+    plain = _outputs(artifact_copy)
+    assert _entries(cache) == []
+    monkeypatch.delenv("SC2QUANT_PREPACKED")
+    building = _outputs(artifact_copy)
+    [entry] = _entries(cache)
+    written = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    assert set(written) == {prepacked.GRAPH, prepacked.DATA, prepacked.MANIFEST}
+    mapped = _outputs(artifact_copy)
+    assert np.array_equal(plain, building) and np.array_equal(plain, mapped)
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == written  # mapped, not built again
+    assert json.loads((entry / prepacked.MANIFEST).read_text())["source"] == str(artifact_copy.resolve())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "rewritten", "no manifest", "garbage manifest"])
+def test_a_damaged_entry_is_built_again(artifact_copy, cache, damage):
+    reference = _outputs(artifact_copy)
+    [entry] = _entries(cache)
+    data, manifest = entry / prepacked.DATA, entry / prepacked.MANIFEST
+    if damage == "truncated":
+        with open(data, "r+b") as fh:
+            fh.truncate(data.stat().st_size // 2)
+    elif damage == "rewritten":  # same size, other bytes: its time changes
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 4096] = bytes(4096)
+        data.write_bytes(bytes(raw))
+    elif damage == "no manifest":
+        manifest.unlink()
+    else:
+        manifest.write_text("[1, 2")
+    assert np.array_equal(_outputs(artifact_copy), reference)
+    [again] = _entries(cache)
+    assert again == entry and json.loads((again / prepacked.MANIFEST).read_text())["files"][prepacked.DATA][0] > 0
+
+
+def test_a_changed_artifact_gets_a_new_entry_and_its_old_one_goes(artifact_copy, cache):
+    _outputs(artifact_copy)
+    [first] = _entries(cache)
+    os.utime(artifact_copy / "model.onnx.data")  # re-exported in place, as far as the files' times tell
+    _outputs(artifact_copy)
+    [second] = _entries(cache)
+    assert second != first and not first.exists()
+
+
+def test_another_artifact_keeps_its_own_entry(artifact_copy, onnx_int4_artifact, cache):
+    os.utime(artifact_copy / "model.onnx.data")  # a copy made at another time (copytree kept the times)
+    _outputs(artifact_copy)
+    _outputs(onnx_int4_artifact)
+    assert len(_entries(cache)) == 2
+    _outputs(artifact_copy)  # mapped from its own entry, the other one left alone
+    assert len(_entries(cache)) == 2
+
+
+def test_no_cache_to_write_means_a_plain_load_and_one_note(artifact_copy, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a file where the cache should be")
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "file" / "cache"))
+    _outputs(artifact_copy)
+    err = capsys.readouterr().err
+    assert err.count("not saving prepacked weights") == 1 and "SC2QUANT_CACHE" in err
+
+
+def test_a_full_disk_means_a_plain_load_and_one_note(artifact_copy, cache, monkeypatch, capsys):
+    monkeypatch.setattr(prepacked.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    _outputs(artifact_copy)
+    assert "GiB free" in capsys.readouterr().err and _entries(cache) == []
+    assert not any((cache / prepacked.KIND).glob(".*partial*"))  # nothing half-written left
+
+
+def test_graphs_without_a_manifest_are_not_cached(artifact_copy, cache):
+    from sc2quant.runtime.engines.base import EngineOptions
+    from sc2quant.runtime.engines.onnx_engine import OnnxEngine
+
+    (artifact_copy / "sc2quant.json").unlink()  # a graph folder written by hand: no checksums to key an entry by
+    engine = OnnxEngine(artifact_copy, EngineOptions())
+    engine.start([[1, 2, 3]])
+    assert _entries(cache) == []
+
+
+def test_a_build_killed_midway_leaves_nothing_behind_after_the_next(artifact_copy, cache):
+    _outputs(artifact_copy)
+    [entry] = _entries(cache)
+    shutil.rmtree(entry)
+    stale = entry.parent / f".{entry.name}.partial-999999"  # what a SIGKILLed first load leaves
+    stale.mkdir()
+    (stale / prepacked.DATA).write_bytes(b"half")
+    _outputs(artifact_copy)
+    assert _entries(cache) == [entry] and not stale.exists()
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
