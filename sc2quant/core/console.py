@@ -22,18 +22,12 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 T = TypeVar("T")
 LIBRARY_LOGGERS = ("transformers", "torch", "torchao", "bitsandbytes", "accelerate", "optimum", "gptqmodel",
@@ -62,7 +56,10 @@ def progress_enabled() -> bool:
 
 
 def progress(transient: bool = False) -> Progress:
-    """A progress display with ETA (on stderr; drawn only on a terminal)."""
+    """A progress display with ETA (on stderr; drawn only on a terminal). rich.progress is imported
+    here, not with the module: an app that only generates never draws one (cold start)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -81,6 +78,8 @@ def progress(transient: bool = False) -> Progress:
 @contextlib.contextmanager
 def status(text: str) -> Iterator[None]:
     """A spinner with elapsed time, for a stage whose length is unknown."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=not progress_enabled(), redirect_stdout=False,
                   redirect_stderr=False) as bar:

@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from sc2quant.core.errors import UserError
@@ -163,6 +162,8 @@ def peak_rss_self() -> int:
 
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Python and the versions of the libraries that shape an artifact or a measurement."""
+    from importlib import metadata  # here: an app that only generates never asks (cold start)
+
     out = {"python": platform.python_version()}
     for name in (*LIBRARIES, *extra):
         with contextlib.suppress(metadata.PackageNotFoundError):

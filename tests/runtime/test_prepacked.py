@@ -136,3 +136,19 @@ def test_a_build_killed_midway_leaves_nothing_behind_after_the_next(artifact_cop
     _outputs(artifact_copy)
     assert _entries(cache) == [entry] and not stale.exists()
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+
+
+def test_two_first_loads_at_once_build_one_entry(artifact_copy, cache):
+    import subprocess
+    import sys
+
+    script = ("import sys, sc2quant\nm = sc2quant.load(sys.argv[1], prefix_cache_bytes=0)\n"
+              "print(m.generate('def f(x):', max_new_tokens=4))\n")
+    env = {**os.environ, "SC2QUANT_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(artifact_copy)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    [entry] = _entries(cache)
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no staging left behind
