@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,9 +58,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def cache_base() -> Path:
-    """The user cache: $SC2QUANT_CACHE, else $XDG_CACHE_HOME/sc2quant, else ~/.cache/sc2quant."""
-    base = os.environ.get("SC2QUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sc2quant"
-    return Path(base)
+    """The user cache: $SC2QUANT_CACHE, else $XDG_CACHE_HOME/sc2quant, else ~/.cache/sc2quant (a user
+    with no home: a folder of this user's under the system's temporary directory)."""
+    if os.environ.get("SC2QUANT_CACHE"):
+        return Path(os.environ["SC2QUANT_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "sc2quant"
+    try:
+        return Path.home() / ".cache" / "sc2quant"
+    except RuntimeError:  # no $HOME and no passwd entry (a container's arbitrary uid)
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"sc2quant-{os.getuid()}"
+
+
+def file_identity(path: Path) -> list[int]:
+    """What changes whenever a file's content may have: device, inode, size, modification and change
+    time (any write moves the change time, which no user can set back)."""
+    info = os.stat(path)
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within its timestamps' granularity
@@ -67,31 +84,40 @@ SETTLED_NS = 2_000_000_000  # a file changed this recently may change again with
 
 def known_sha256(path: Path) -> str:
     """sha256 of `path`, taken from the record of an earlier hash when the file is provably the same file,
-    unchanged since: same device, inode, size, modification and change time (any write changes the
-    change time, which no user can set back). Otherwise hashed, and recorded in the user cache
-    (`verified/`) once the file has been still for two seconds (a write within the timestamps'
-    granularity would go unseen). Loading a 4.6 GB artifact otherwise hashes it on every load."""
+    unchanged since (`file_identity`). Otherwise hashed, and recorded in the user cache (`verified/`,
+    trusted only while that folder is this user's and writable by no one else) once the file has
+    been still for two seconds (a write within the timestamps' granularity would go unseen).
+    Loading a 4.6 GB artifact otherwise hashes it on every load."""
     import time
 
-    info = os.stat(path)
-    ident = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
-    record = cache_base() / "verified" / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
+    ident = file_identity(path)
+    now = time.time_ns()
+    folder = cache_base() / "verified"
+    record = folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
     try:
-        known = json.loads(record.read_text())
-        if known["stat"] == ident and isinstance(known["sha256"], str):
-            return known["sha256"]
+        if _private(folder):
+            known = json.loads(record.read_text())
+            if known["stat"] == ident and isinstance(known["sha256"], str):
+                return known["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = sha256_file(path)
-    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > SETTLED_NS:
+    if now - max(ident[3], ident[4]) > SETTLED_NS:
+        part = record.with_name(f".{record.name}.{os.getpid()}")
         try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            part = record.with_name(f".{record.name}.{os.getpid()}")
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             part.write_text(json.dumps({"stat": ident, "sha256": digest, "path": str(path)}))
             part.replace(record)
         except OSError:  # a read-only cache: hashed again next time
-            pass
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
     return digest
+
+
+def _private(folder: Path) -> bool:
+    """Whether `folder` is a directory of this user that no one else can write to."""
+    info = os.stat(folder)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def dir_bytes(path: Path) -> int:

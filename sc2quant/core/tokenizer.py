@@ -101,8 +101,23 @@ class Tokenizer:
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` read as plain text: special-token strings in it are not special tokens
     (code being completed may contain `<fim_middle>` or `<|endoftext|>`). Either tokenizer: this
-    module's or transformers'."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
+    module's or transformers' (whose `split_special_tokens=True` switches a setting of the shared
+    backend object, a race between threads; both get a private copy with the setting on)."""
+    return literal_backend(tokenizer).encode(text, add_special_tokens=False).ids if text else []
+
+
+def literal_backend(tokenizer: Any) -> Any:
+    """A `tokenizers.Tokenizer` copy of `tokenizer` that reads special-token strings as text, made once."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer._literal()
+    copy = getattr(tokenizer, "_sc2quant_literal", None)
+    if copy is None:
+        from tokenizers import Tokenizer as Backend
+
+        copy = Backend.from_str(tokenizer.backend_tokenizer.to_str())
+        copy.encode_special_tokens = True
+        tokenizer._sc2quant_literal = copy
+    return copy
 
 
 def encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> list[int]:

@@ -10,8 +10,8 @@ prefix + `prompt` + `<fim_suffix>` + the suffix + `<fim_middle>`; and trimmed as
 it rather than refused: with B = min(2048, context / 2) (llama-server's default batch; half the
 context where it is smaller than 4,096, so the other files keep room there too), the last 3B/4
 tokens of the prefix, the first B/4 - 2 - len(prompt) tokens of the suffix, the last
-context - B - 2 n_predict tokens of the other files (fewer if the rest would not leave room for one
-new token). The other files' share does not depend on the prefix's length, so the start of the
+context - B - 2 n_predict tokens of the other files (n_predict -1: B/4 new tokens; fewer if the
+rest would not leave room for the new tokens). The other files' share does not depend on the prefix's length, so the start of the
 prompt, and its cached keys and values, stay put as the user types. `truncated` in the answer says
 whether anything was cut.
 
@@ -79,11 +79,12 @@ def infill_ids(tokenizer: Any, context: int, req: InfillRequest) -> tuple[list[i
     n_prefix = min(len(prefix), 3 * (batch // 4))
     n_suffix = min(len(suffix), max(0, batch // 4 - (2 + len(prompt))))
     body = [pre, *prefix[len(prefix) - n_prefix:], *prompt, suf, *suffix[:n_suffix], mid]
-    room = context - 1 - len(body)  # one new token at least
-    if room < 0:
+    predict = req.n_predict if req.n_predict >= 0 else batch // 4  # -1 (until the end): room for a function's worth
+    room = context - len(body) - max(predict, 1)  # the new tokens fit
+    if context - 1 - len(body) < 0:
         raise UserError(f"the prompt (the cursor's line) has {len(prompt)} tokens, too many for the model's context "
                         f"of {context}: send less of it in `prompt` (input_prefix is trimmed, prompt is not)")
-    n_extra = min(len(extra), max(0, context - batch - 2 * max(req.n_predict, 0)), room)
+    n_extra = min(len(extra), max(0, context - batch - 2 * predict), max(room, 0))
     ids = extra[len(extra) - n_extra:] + body
     return ids, (n_prefix, n_suffix, n_extra) != (len(prefix), len(suffix), len(extra))
 

@@ -203,7 +203,7 @@ Prompts = Prompt | Sequence[Prompt]  # one prompt or several
 
 def _single(prompt: Any) -> bool:
     """Whether `prompt` is one prompt: text, or a non-empty list of token ids."""
-    return isinstance(prompt, str) or bool(prompt) and all(
+    return isinstance(prompt, str) or hasattr(prompt, "__len__") and len(prompt) > 0 and all(
         isinstance(x, int | np.integer) and not isinstance(x, bool) for x in prompt)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
+from sc2quant.core.files import file_identity
 
 KIND = "prepacked"  # the cache's folder of these entries
 GRAPH = "model.opt.onnx"
@@ -52,19 +53,20 @@ def session(model_file: Path, options: Callable[[], Any], providers: list[str], 
         return ort.InferenceSession(str(model_file), options(), providers=providers)
     from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
 
-    entry = cache_root(KIND) / f"{folder.name}-{key[:16]}"
-    if (mapped := _open(entry, options, providers)) is not None:
-        return mapped
     try:
+        entry = cache_root(KIND) / f"{folder.name}-{key[:16]}"
+        if (mapped := _open(entry, options, providers)) is not None:
+            return mapped
         entry = writable_cache_root(KIND, fix="or set SC2QUANT_PREPACKED=0") / entry.name
         with entry_lock(entry, f"another sc2quant process preparing {folder.name}'s weights for this CPU"):
             if (mapped := _open(entry, options, providers)) is not None:  # built by the process we waited for
                 return mapped
             return _build(model_file, entry, options, providers)
-    except UserError as exc:  # no cache to write: this load runs as it would without one
+    except (UserError, OSError) as exc:  # no cache to use: this load runs as it would without one
         from sc2quant.core.console import console
 
-        console.print(f"not saving prepacked weights ({exc})", highlight=False, markup=False)
+        reason = str(exc) if isinstance(exc, UserError) else f"{exc.strerror or exc}: {getattr(exc, 'filename', '')}"
+        console.print(f"not saving prepacked weights ({reason})", highlight=False, markup=False)
         return ort.InferenceSession(str(model_file), options(), providers=providers)
 
 
@@ -82,11 +84,21 @@ def _key(folder: Path) -> str | None:
 
 
 def _stat(path: Path) -> list[int] | None:
+    """The artifact's files: size and modification time (a copy made with its times kept is the same)."""
     try:
         info = path.stat()
     except OSError:
         return None
     return [info.st_size, info.st_mtime_ns]
+
+
+def _identity(path: Path) -> list[int] | None:
+    """The entry's own files: `file_identity` (an edited file with its times set back is caught by its
+    change time)."""
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def _cpu() -> str:
@@ -96,7 +108,8 @@ def _cpu() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    return " ".join(fields.get(k, "").strip() for k in ("model name", "flags")) or platform.machine()
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86; Arm
+    return " ".join([platform.machine(), *(fields[k].strip() for k in keys if k in fields)])
 
 
 def _open(entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
@@ -107,7 +120,7 @@ def _open(entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
         return None
     try:
         recorded = json.loads((entry / MANIFEST).read_text())["files"]
-        whole = recorded.keys() == {GRAPH, DATA} and all(_stat(entry / name) == recorded[name] for name in recorded)
+        whole = recorded.keys() == {GRAPH, DATA} and all(_identity(entry / name) == recorded[name] for name in recorded)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         whole = False
     if whole:
@@ -133,6 +146,10 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
     _drop_older(entry, model_file.parent)
     for stale in entry.parent.glob(f".{entry.name}.partial-*"):  # a build killed midway (we hold its lock)
         shutil.rmtree(stale, ignore_errors=True)
+    from sc2quant.core.console import console
+
+    console.print(f"preparing {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry})",
+                  highlight=False, markup=False)
     staging = entry.parent / f".{entry.name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
@@ -145,10 +162,9 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
             made = ort.InferenceSession(str(model_file), saving, providers=providers)
         except Exception:  # noqa: BLE001 - saving failed (a full disk, an ORT without the option): run without it
             return ort.InferenceSession(str(model_file), options(), providers=providers)
-        files = {name: _stat(staging / name) for name in (GRAPH, DATA)}
-        if None not in files.values():  # else this ORT wrote no external file: nothing worth keeping
-            record = {"files": files, "source": str(model_file.parent.resolve()), "onnxruntime": ort.__version__}
-            try:
+        if all((staging / name).is_file() for name in (GRAPH, DATA)):  # else this ORT wrote no external file
+            try:  # renaming the folder leaves its files' identities as they are
+                record = {**_record(model_file.parent), "files": {n: _identity(staging / n) for n in (GRAPH, DATA)}}
                 (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
                 os.replace(staging, entry)
             except OSError:  # a full disk, a leftover entry that could not be removed: the session runs anyway
@@ -158,12 +174,37 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _record(source: Path) -> dict[str, Any]:
+    """What an entry was built from and for (and, in its manifest, its files' identities)."""
+    import onnxruntime as ort
+
+    return {"source": str(source.resolve()), "onnxruntime": ort.__version__,
+            "cpu": hashlib.sha256(_cpu().encode()).hexdigest()[:16], "files": {}}
+
+
 def _drop_older(entry: Path, source: Path) -> None:
-    """Remove the entries an earlier version of the same artifact folder left (our own files)."""
-    where = str(source.resolve())
+    """Remove what an earlier version of the same artifact folder left on this kind of machine: its
+    entries (built by this ORT for this CPU: another machine sharing the cache keeps its own), and
+    staging folders of builds killed midway (their process gone). All of it our own files."""
+    mine = _record(source)
     for other in entry.parent.glob(f"{source.name}-*"):
         try:
-            if other != entry and json.loads((other / MANIFEST).read_text()).get("source") == where:
+            theirs = json.loads((other / MANIFEST).read_text())
+            if other != entry and all(theirs.get(k) == mine[k] for k in ("source", "onnxruntime", "cpu")):
                 shutil.rmtree(other, ignore_errors=True)
         except (OSError, ValueError, AttributeError):
             continue
+    for stale in entry.parent.glob(f".{source.name}-*.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

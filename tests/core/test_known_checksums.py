@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -41,6 +42,7 @@ def test_any_change_is_hashed_again(tmp_path, counted, change):
     f.write_bytes(data)
     before = files.known_sha256(f)
     info = f.stat()
+    time.sleep(0.05)  # past the timestamps' granularity (the two seconds SETTLED_NS waits, shortened here)
     if change == "same size":
         f.write_bytes(bytes(len(data)))
     elif change == "times restored":  # modified, then its modification time set back: the change time moves on
@@ -58,7 +60,7 @@ def test_any_change_is_hashed_again(tmp_path, counted, change):
     assert files.known_sha256(f) != before and len(counted) == 2
 
 
-def test_a_forged_or_broken_record_is_not_believed(tmp_path, counted):
+def test_a_record_of_another_state_or_a_broken_one_is_not_believed(tmp_path, counted):
     f = tmp_path / "w.bin"
     f.write_bytes(b"weights")
     truth = files.known_sha256(f)
@@ -83,7 +85,21 @@ def test_an_unwritable_cache_still_verifies(tmp_path, counted, monkeypatch):
     monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "file" / "cache"))
     f = tmp_path / "w.bin"
     f.write_bytes(b"weights")
-    assert files.known_sha256(f) == files.known_sha256(f)
+    files.known_sha256(f)
+    files.known_sha256(f)
+    assert len(counted) == 2  # nothing recorded, nothing believed: hashed each time
+
+
+def test_records_in_a_folder_others_can_write_are_not_believed(tmp_path, counted):
+    """A shared cache: anyone able to write there could write a record with the right identity."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    files.known_sha256(f)
+    folder = tmp_path / "cache" / "verified"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    os.chmod(folder, 0o777)
+    files.known_sha256(f)
+    assert len(counted) == 2
 
 
 def test_verify_catches_damage_after_a_verified_load(onnx_int4_artifact, tmp_path, counted):

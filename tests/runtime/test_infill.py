@@ -202,3 +202,18 @@ def test_prompts_beyond_the_context_are_trimmed_as_llama_server_trims_them(serve
     assert got["content"] == model.generate(expected, max_new_tokens=8)
     small = httpx.post(url + "/infill", json=VIM, timeout=60).json()
     assert small["truncated"] is False
+
+
+@pytest.mark.parametrize("n_predict", [-1, 0, 16])
+def test_other_files_leave_room_for_the_new_tokens(served, n_predict):
+    """Found in review: with n_predict -1 (llama-server's default) the other files filled the context
+    but for one token, so the answer was one token long."""
+    from sc2quant.runtime.infill import InfillRequest, infill_ids
+
+    _, model = served
+    batch = min(2048, model.context // 2)
+    lines = "".join(f"value_{i} = compute({i})\n" for i in range(2000))
+    req = InfillRequest(**{**VIM, "input_extra": [{"filename": "big.py", "text": lines}], "n_predict": n_predict})
+    ids, truncated = infill_ids(model.tokenizer, model.context, req)
+    reserve = {-1: batch // 4, 0: 1, 16: 2 * 16}[n_predict]
+    assert truncated and len(ids) <= model.context - reserve

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_mapped_weights_give_the_same_outputs_bit_for_bit(artifact_copy, cache, 
     assert json.loads((entry / prepacked.MANIFEST).read_text())["source"] == str(artifact_copy.resolve())
 
 
-@pytest.mark.parametrize("damage", ["truncated", "rewritten", "no manifest", "garbage manifest"])
+@pytest.mark.parametrize("damage", ["truncated", "rewritten", "times restored", "no manifest", "garbage manifest"])
 def test_a_damaged_entry_is_built_again(artifact_copy, cache, damage):
     reference = _outputs(artifact_copy)
     [entry] = _entries(cache)
@@ -70,10 +71,14 @@ def test_a_damaged_entry_is_built_again(artifact_copy, cache, damage):
     if damage == "truncated":
         with open(data, "r+b") as fh:
             fh.truncate(data.stat().st_size // 2)
-    elif damage == "rewritten":  # same size, other bytes: its time changes
-        raw = bytearray(data.read_bytes())
-        raw[len(raw) // 2: len(raw) // 2 + 4096] = bytes(4096)
-        data.write_bytes(bytes(raw))
+    elif damage in ("rewritten", "times restored"):  # same size, other bytes
+        info = data.stat()
+        time.sleep(0.05)
+        with open(data, "r+b") as fh:
+            fh.seek(info.st_size // 2)
+            fh.write(bytes(4096))
+        if damage == "times restored":  # `touch -r`: the change time still moves
+            os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
     elif damage == "no manifest":
         manifest.unlink()
     else:
@@ -150,5 +155,6 @@ def test_two_first_loads_at_once_build_one_entry(artifact_copy, cache):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0]
+    assert sum(err.count("preparing onnx-int4's int4 weights") for _, err in outs) == 1  # one built, one mapped
     [entry] = _entries(cache)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no staging left behind
