@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": tool_versions(),
                               "shapes": {}, "only": a.only,
-                              "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])}
+                              "command": "python -m bench.scale " + shlex.join(argv if argv is not None else sys.argv[1:])}
     earlier = a.out / f"{result['date']}-scale{'-only' if a.only else ''}.json"
     if earlier.exists():  # today's other shapes stay in the file
         result["shapes"] = {k: v for k, v in json.loads(earlier.read_text())["shapes"].items()
