@@ -9,7 +9,23 @@ def main() -> None:
     from sc2quant.core.signals import defer_sigint
 
     defer_sigint()  # a Ctrl-C while the command starts is its to answer (`take_sigint`, serve's StopSignals)
-    app()
+    try:
+        app()
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """stdout closed by its reader (`sc2quant run ... | head`) after the results were written: exit quietly
+    with the status a process ended by SIGPIPE shows in a shell (141), as Unix tools do."""
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise SystemExit(141) from None
 
 
 __all__ = ["app", "main"]

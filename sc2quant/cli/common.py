@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import sys
 import textwrap
 import traceback
 import typing
@@ -111,6 +113,9 @@ def command(verb: str, own_signals: bool = False) -> Callable[[F], F]:
                         return fn(*args, **kwargs)
                     except (UserError, KeyboardInterrupt, typer.Exit):
                         raise
+                    except BrokenPipeError:  # the reader of stdout went away (`| head`): not an error of ours
+                        _close_stdout()
+                        raise typer.Exit(141) from None
                     except Exception as exc:
                         if isinstance(exc, ModuleNotFoundError) and (missing := missing_extra(exc, verb)):
                             raise missing from None  # an extra not installed: which one, in one line
@@ -135,6 +140,11 @@ def command(verb: str, own_signals: bool = False) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _close_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class _Internal(Exception):

@@ -39,7 +39,16 @@ LOG_MARKER = "# sc2quant log:"
 
 # Results (tables, text, JSON) go to stdout; progress and messages to stderr, so that
 # `sc2quant inspect > f.txt` or `--json | jq` get the results alone.
-out = Console(soft_wrap=True)
+class _Results(Console):
+    def on_broken_pipe(self) -> None:
+        """stdout closed by its reader (`| head`): exit quietly with the status a shell shows for a process
+        ended by SIGPIPE (141), as Unix tools do (rich's default exits 1, which reads as a failure)."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+
+
+out = _Results(soft_wrap=True)
 console = Console(stderr=True)
 _state: dict[str, Any] = {"log": None}
 

@@ -8,7 +8,10 @@
 - `BodyGuard`: an ASGI middleware that reads the request body itself, whatever its framing
   (Content-Length or chunked), with a size limit (413 as soon as it is exceeded, before the body
   is parsed) and a read timeout (408), then replays it to the application as JSON (whatever its
-  Content-Type: llama-server reads any body as JSON, and `curl -d` labels it a form).
+  Content-Type: llama-server reads any body as JSON, and `curl -d` labels it a form);
+- `ApiBody`: the base of the request bodies: `null` means "not given" (OpenAI's and llama-server's
+  clients send it for defaults) except where a field gives null a meaning of its own; booleans
+  must be booleans (not "yes").
 """
 
 from __future__ import annotations
@@ -18,13 +21,31 @@ import hmac
 import ipaddress
 import json
 import socket
+import typing
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, model_validator
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sc2quant.core.errors import UserError
 
 Scope = dict[str, Any]
+
+
+class ApiBody(BaseModel):
+    """A request body: unknown fields ignored (clients send fields a server does not use), `null` for a
+    field that cannot be null read as "not given" (its default; `max_tokens: null` keeps its own
+    meaning), booleans declared strict where they are (`StrictBool`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or type(None) in typing.get_args(cls.model_fields[k].annotation)}
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -28,28 +28,25 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, StrictBool
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.tokenizer import encode_pieces, encode_text
 from sc2quant.core.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, repo_pieces
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import add_chunk, new_row
+from sc2quant.runtime.http_guard import ApiBody
 
 MAX_EXTRA_FILES = 64
 BATCH = 2048  # llama-server's default batch: the budget of the prefix (3/4) and the suffix (1/4)
 
 
-class ExtraFile(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ExtraFile(ApiBody):
     filename: str = ""
     text: str = ""
 
 
-class InfillRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class InfillRequest(ApiBody):
     input_prefix: str = ""
     input_suffix: str = ""
     input_extra: list[ExtraFile] = Field(default_factory=list, max_length=MAX_EXTRA_FILES)
@@ -59,7 +56,7 @@ class InfillRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: StrictBool = False
     t_max_predict_ms: int = Field(0, ge=0)  # 0: no limit; else stop generating this long after the first token
 
 

@@ -48,7 +48,7 @@ def session(model_file: Path, options: Callable[[], Any], providers: list[str], 
     import onnxruntime as ort
 
     folder = model_file.parent
-    key = _key(folder) if device == "cpu" and os.environ.get("SC2QUANT_PREPACKED", "1") != "0" else None
+    key = _key(folder) if device == "cpu" and enabled() else None
     if key is None:
         return ort.InferenceSession(str(model_file), options(), providers=providers)
     from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
@@ -68,6 +68,16 @@ def session(model_file: Path, options: Callable[[], Any], providers: list[str], 
         reason = str(exc) if isinstance(exc, UserError) else f"{exc.strerror or exc}: {getattr(exc, 'filename', '')}"
         console.print(f"not saving prepacked weights ({reason})", highlight=False, markup=False)
         return ort.InferenceSession(str(model_file), options(), providers=providers)
+
+
+def enabled() -> bool:
+    """SC2QUANT_PREPACKED: 0/false/no/off turn the cache off; 1/true/yes/on (or unset) keep it."""
+    value = os.environ.get("SC2QUANT_PREPACKED", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    raise UserError(f"SC2QUANT_PREPACKED={value!r} is neither on nor off: set it to 0 (off) or 1 (on)")
 
 
 def _key(folder: Path) -> str | None:
@@ -160,15 +170,21 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
         saving.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             made = ort.InferenceSession(str(model_file), saving, providers=providers)
-        except Exception:  # noqa: BLE001 - saving failed (a full disk, an ORT without the option): run without it
+        except Exception as exc:  # noqa: BLE001 - saving failed (a full disk, an ORT without the option): run without it
+            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            console.print(f"not saving prepacked weights (ONNX Runtime could not write them: {reason})",
+                          highlight=False, markup=False)
             return ort.InferenceSession(str(model_file), options(), providers=providers)
-        if all((staging / name).is_file() for name in (GRAPH, DATA)):  # else this ORT wrote no external file
+        if not all((staging / name).is_file() for name in (GRAPH, DATA)):
+            console.print(f"not saving prepacked weights (ONNX Runtime wrote no weights file in {staging.parent})",
+                          highlight=False, markup=False)
+        else:
             try:  # renaming the folder leaves its files' identities as they are
                 record = {**_record(model_file.parent), "files": {n: _identity(staging / n) for n in (GRAPH, DATA)}}
                 (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
                 os.replace(staging, entry)
-            except OSError:  # a full disk, a leftover entry that could not be removed: the session runs anyway
-                pass
+            except OSError as exc:  # a full disk, a leftover entry that could not be removed: the session runs anyway
+                console.print(f"not saving prepacked weights ({exc.strerror or exc})", highlight=False, markup=False)
         return made
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -33,13 +33,14 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, StrictBool, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sc2quant.core.errors import UserError
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
+from sc2quant.runtime.http_guard import ApiBody
 from sc2quant.runtime.infill import InfillRequest, InfillTimer, infill_ids
 
 MAX_BODY_BYTES = 1 << 20
@@ -69,15 +70,11 @@ class Limits:
                 f"body {self.body_bytes // 1024} KiB, header/body timeouts {self.header_timeout:g}/{self.body_timeout:g} s")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    include_usage: bool = False  # a last chunk with `usage` and no choices, as OpenAI sends it
+class StreamOptions(ApiBody):
+    include_usage: StrictBool = False  # a last chunk with `usage` and no choices, as OpenAI sends it
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-
+class CompletionRequest(ApiBody):
     model: str | None = None
     prompt: str | list[str]
     suffix: str | None = None
@@ -85,11 +82,23 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
-    echo: bool = False
+    best_of: int = 1  # one completion per prompt: more is refused, not ignored
+    logprobs: int | None = None  # not computed: asking for them is refused, not ignored
+    echo: StrictBool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_done(self) -> CompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options applies to streamed requests only: add \"stream\": true or drop it")
+        if self.logprobs:
+            raise ValueError("logprobs are not computed by this server: drop logprobs")
+        if self.best_of != 1:
+            raise ValueError("best_of must be 1 (one completion per prompt): drop it")
+        return self
 
 
 class Gate:
@@ -270,10 +279,11 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
-        message = "request body is not valid UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+        message = ("request body is not valid UTF-8 JSON (or nests deeper, or holds a longer number, than a request "
+                   "can)") if exc.status_code == 400 else str(exc.detail)
         return error(exc.status_code, message)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers that read the status only
     async def health() -> JSONResponse:
         state = {"status": "stopping", "reason": "the server is stopping"} if drain.stopping.is_set() else backend.health()
         body = {**state, "model": model_name, "kind": backend.kind, "queued": gate.admitted}

@@ -183,3 +183,16 @@ def test_a_missing_local_path_that_looks_like_a_hub_id(tmp_path, logs):
     (tmp_path / "out").mkdir()
     done = sc2quant("inspect", "out/model", log_dir=logs, cwd=tmp_path, check=False)
     assert done.returncode == 2 and "not found" in done.stderr and "hub" not in done.stderr.split(":", 1)[1][:40]
+
+
+@pytest.mark.parametrize("args", [["footprint"], ["formats"], ["run", "--prompt", "def f():", "--max-new-tokens", "200",
+                                                                  "--stream"]], ids=["footprint", "formats", "run"])
+def test_a_reader_that_closes_stdout_early_is_not_an_error(args, logs):
+    """Found by the red team: `sc2quant run ... | head` reported "failed unexpectedly (a bug)" and exited 1;
+    `footprint | head -1` exited 1. A Unix tool whose reader goes away ends quietly, 141 as SIGPIPE would."""
+    env = {**os.environ, "SC2QUANT_LOG_DIR": str(logs), "COLUMNS": "80"}
+    proc = subprocess.Popen([*SC2QUANT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stdout.read(1)  # the first byte of the results, then the reader goes
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 141) and b"error" not in err and b"Traceback" not in err, err[-2000:]

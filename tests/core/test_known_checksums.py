@@ -119,3 +119,19 @@ def test_verify_catches_damage_after_a_verified_load(onnx_int4_artifact, tmp_pat
     os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
     with pytest.raises(IntegrityError, match="does not match its checksum"):
         artifact.verify(art)
+
+
+def test_full_verification_on_request_and_a_cache_path_with_a_tilde(tmp_path, counted, monkeypatch):
+    """What the identity cannot see (writes through a memory map whose pages were already written move no
+    time): SC2QUANT_VERIFY=full hashes every time. And SC2QUANT_CACHE='~/x' is the home's x."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    files.known_sha256(f)
+    [record] = (tmp_path / "cache" / "verified").iterdir()
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))  # as if changed unseen
+    assert files.known_sha256(f) == "0" * 64
+    monkeypatch.setenv("SC2QUANT_VERIFY", "full")
+    assert files.known_sha256(f) == files.sha256_file(f) != "0" * 64
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SC2QUANT_CACHE", "~/x")
+    assert files.cache_base() == tmp_path / "home" / "x"

@@ -217,3 +217,12 @@ def test_other_files_leave_room_for_the_new_tokens(served, n_predict):
     ids, truncated = infill_ids(model.tokenizer, model.context, req)
     reserve = {-1: batch // 4, 0: 1, 16: 2 * 16}[n_predict]
     assert truncated and len(ids) <= model.context - reserve
+
+
+def test_null_fields_are_defaults(served):
+    url, model = served
+    body = {**VIM, "n_predict": None, "input_suffix": None, "top_p": None, "t_max_predict_ms": None, "stop": None}
+    got = httpx.post(url + "/infill", json={**body, "n_predict": 8}, timeout=60)
+    assert got.status_code == 200, got.text
+    nulls = httpx.post(url + "/infill", json={**body, "n_predict": None, "t_max_predict_ms": 2000}, timeout=120)
+    assert nulls.status_code == 200, nulls.text

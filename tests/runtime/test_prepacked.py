@@ -158,3 +158,32 @@ def test_two_first_loads_at_once_build_one_entry(artifact_copy, cache):
     assert sum(err.count("preparing onnx-int4's int4 weights") for _, err in outs) == 1  # one built, one mapped
     [entry] = _entries(cache)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no staging left behind
+
+
+@pytest.mark.parametrize("value,on", [("false", False), ("OFF", False), ("no", False), ("yes", True), ("1", True)])
+def test_the_switch_reads_the_usual_words(value, on, artifact_copy, cache, monkeypatch):
+    monkeypatch.setenv("SC2QUANT_PREPACKED", value)
+    _outputs(artifact_copy)
+    assert bool(_entries(cache)) is on
+
+
+def test_a_switch_set_to_nonsense_is_one_line(artifact_copy, cache, monkeypatch):
+    from sc2quant.core.errors import UserError
+
+    monkeypatch.setenv("SC2QUANT_PREPACKED", "2")
+    with pytest.raises(UserError, match="SC2QUANT_PREPACKED='2' is neither on nor off"):
+        load(artifact_copy)
+
+
+def test_a_save_that_fails_says_so(artifact_copy, cache):
+    """Found by the red team: with the disk full (here a file size limit) the first load said "preparing ...
+    (saved in ...)", saved nothing, and said the same at every load."""
+    import subprocess
+    import sys
+
+    script = "import sys, sc2quant\nprint(sc2quant.load(sys.argv[1]).generate('def f(x):', max_new_tokens=2))\n"
+    done = subprocess.run(["bash", "-c", f'ulimit -f 4000; exec "{sys.executable}" -c "$0" "$1"', script,
+                           str(artifact_copy)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SC2QUANT_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert "not saving prepacked weights" in done.stderr and _entries(cache) == []

@@ -67,7 +67,8 @@ def test_usage_streamed_on_request_and_max_tokens_null(server, embedded_model_di
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert all(e["usage"] is None and e["choices"] for e in events[:-1])
-    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens: the second one reuses the first
+    assert events[-1]["choices"] == [] and all(events[-1]["usage"][k] == whole["usage"][k] for k in counts)
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
     with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         assert all("usage" not in json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
@@ -212,3 +213,28 @@ def test_health_answers_503_while_the_model_loads(embedded_model_dir):
         assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "n", "stream", "echo", "best_of", "logprobs"])
+def test_null_means_not_given(server, field):
+    """Found by the red team: OpenAI clients send `null` for defaults; `temperature: null` got 400."""
+    r = httpx.post(server + "/v1/completions", json={"prompt": "def f(", "max_tokens": 2, field: None}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"logprobs": 5}, "logprobs"), ({"best_of": 3}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream"),
+    ({"stream": "yes"}, "stream"), ({"echo": 1}, "echo"),
+])
+def test_what_is_not_done_is_refused_not_ignored(server, body, message):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **body}, timeout=60)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_echo_head_and_a_deep_body(server):
+    got = httpx.post(server + "/v1/completions", json={"prompt": "def f(", "max_tokens": 2, "echo": True,
+                                                       "temperature": 0}, timeout=60).json()
+    assert got["choices"][0]["text"].startswith("def f(")
+    assert httpx.head(server + "/health").status_code == 200
+    deep = httpx.post(server + "/v1/completions", content=b"[" * 50000, timeout=60)
+    assert deep.status_code == 400 and "nests deeper" in deep.json()["error"]["message"]

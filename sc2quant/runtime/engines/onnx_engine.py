@@ -65,6 +65,8 @@ class OnnxEngine:
             self.session = prepacked.session(self.path / decoder["filename"],
                                              lambda: _session_options(options.threads, options.profile_dir),
                                              _providers(self.device), self.device)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for missing or damaged files
             reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise UserError(f"ONNX Runtime cannot load {self.path.name} ({reason}): its files are damaged or "
