@@ -131,7 +131,8 @@ def bound(run: dict[str, Any], row: dict[str, Any], shape: str, gptq_samples: in
     """The issue's bound for this row: output (a load: the artifact) + 1.5 GB; for GPTQ, one decoder
     layer's working set (its weights in fp32 and the Hessians, d_in^2 fp32 per distinct input) +
     the calibration activations (a layer's inputs and outputs, fp32) + the output."""
-    held = row["bytes_written"] or dir_bytes(Path(run["args"][1]))
+    loaded = Path(run["args"][1])  # a load's artifact (gone after a run: its size was recorded then)
+    held = row["bytes_written"] or (dir_bytes(loaded) if loaded.exists() else row.get("artifact_bytes", 0))
     if run["name"] in (FIRST_RUN, AGAIN):
         total = held + RUN_BOUND
     elif "gptq" not in run["name"] or not run["name"].startswith("quantize"):
@@ -164,11 +165,11 @@ WHY = {
                        "process (the export-from-GPTQ row's peak plus the waiting parent), then "
                        "loads the ONNX copy (the run-ONNX row); the larger of the two, against a bound computed "
                        "from the smaller GPTQ checkpoint.",
-    "run ONNX": "ONNX Runtime's int4 kernel (MatMulNBits at accuracy level 4) computes from its own layout "
-                "of the weights, about a third larger than the int4 data (a float scale and a block sum per block "
-                "of 32, for its int8 arithmetic), and session start adds a transient; the first run builds that "
-                "layout in anonymous memory and saves it, later runs map it from the user cache (clean file pages: "
-                "shared between processes, reclaimable under memory pressure), so the peak barely moves.",
+    "run ONNX": "ONNX Runtime's int4 kernel (MatMulNBits, int8 arithmetic) computes from its own layout of "
+                "the weights, larger than the int4 data (a float scale and a block sum beside each block's "
+                "nibbles), and session start adds a transient; the first run builds that layout in anonymous "
+                "memory and saves it, later runs map it from the user cache (clean file pages: shared between "
+                "processes, reclaimable under memory pressure), so the peak barely moves.",
 }
 
 

@@ -41,33 +41,55 @@ MANIFEST = "prepacked.json"
 ROOM_FACTOR = 3  # disk wanted, in units of the artifact's weights: the saved file holds them and their packed copy
 
 
-def session(model_file: Path, options: Callable[[], Any], providers: list[str], device: str) -> Any:
+def session(model_file: Path, options: Callable[[], Any], providers: list[str], device: str,
+            check: Callable[[Any], None] = lambda _: None) -> Any:
+    try:
+        return _session(model_file, options, providers, device, check)
+    except _Refused as exc:  # the caller's own refusal, not a cache problem
+        raise exc.args[0] from None
+
+
+class _Refused(Exception):
+    """`check` refused the graph (its UserError inside): passed through, never read as a cache problem."""
+
+
+def _session(model_file: Path, options: Callable[[], Any], providers: list[str], device: str,
+             check: Callable[[Any], None]) -> Any:
     """An ONNX Runtime session of `model_file` (in an artifact folder), `options()` making its
     SessionOptions: mapped from its cached prepacked form when there is one, else built and its
-    prepacked form saved for the next load; a plain session where caching does not apply."""
+    prepacked form saved for the next load; a plain session where caching does not apply.
+    `check(session)` raises UserError for a graph the caller refuses: nothing is kept for it."""
     import onnxruntime as ort
 
     folder = model_file.parent
     key = _key(folder) if device == "cpu" and enabled() else None
     if key is None:
-        return ort.InferenceSession(str(model_file), options(), providers=providers)
+        return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
     from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
 
     try:
         entry = cache_root(KIND) / f"{folder.name}-{key[:16]}"
         if (mapped := _open(entry, options, providers)) is not None:
-            return mapped
+            return _checked(mapped, check)
         entry = writable_cache_root(KIND, fix="or set SC2QUANT_PREPACKED=0") / entry.name
         with entry_lock(entry, f"another sc2quant process preparing {folder.name}'s weights for this CPU"):
             if (mapped := _open(entry, options, providers)) is not None:  # built by the process we waited for
-                return mapped
-            return _build(model_file, entry, options, providers)
+                return _checked(mapped, check)
+            return _build(model_file, entry, options, providers, check)
     except (UserError, OSError) as exc:  # no cache to use: this load runs as it would without one
         from sc2quant.core.console import console
 
         reason = str(exc) if isinstance(exc, UserError) else f"{exc.strerror or exc}: {getattr(exc, 'filename', '')}"
         console.print(f"not saving prepacked weights ({reason})", highlight=False, markup=False)
-        return ort.InferenceSession(str(model_file), options(), providers=providers)
+        return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
+
+
+def _checked(made: Any, check: Callable[[Any], None]) -> Any:
+    try:
+        check(made)
+    except UserError as exc:
+        raise _Refused(exc) from exc
+    return made
 
 
 def enabled() -> bool:
@@ -144,7 +166,8 @@ def _open(entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
     return None
 
 
-def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
+def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers: list[str],
+           check: Callable[[Any], None]) -> Any:
     """A session of `model_file` that also writes its optimized graph with the packed weights to `entry`."""
     import onnxruntime as ort
 
@@ -158,8 +181,6 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
         shutil.rmtree(stale, ignore_errors=True)
     from sc2quant.core.console import console
 
-    console.print(f"preparing {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry})",
-                  highlight=False, markup=False)
     staging = entry.parent / f".{entry.name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
@@ -174,7 +195,8 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
             reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
             console.print(f"not saving prepacked weights (ONNX Runtime could not write them: {reason})",
                           highlight=False, markup=False)
-            return ort.InferenceSession(str(model_file), options(), providers=providers)
+            return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
+        _checked(made, check)  # a graph the caller refuses: nothing kept (the staging folder goes below)
         if not all((staging / name).is_file() for name in (GRAPH, DATA)):
             console.print(f"not saving prepacked weights (ONNX Runtime wrote no weights file in {staging.parent})",
                           highlight=False, markup=False)
@@ -183,6 +205,8 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
                 record = {**_record(model_file.parent), "files": {n: _identity(staging / n) for n in (GRAPH, DATA)}}
                 (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
                 os.replace(staging, entry)
+                console.print(f"prepared {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry}; "
+                              "later loads map them)", highlight=False, markup=False)
             except OSError as exc:  # a full disk, a leftover entry that could not be removed: the session runs anyway
                 console.print(f"not saving prepacked weights ({exc.strerror or exc})", highlight=False, markup=False)
         return made

@@ -14,7 +14,7 @@ import pytest
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
-from sc2quant.runtime import convert
+from sc2quant.runtime import cache, convert
 
 CONVERT = ("import sys\nfrom pathlib import Path\nfrom sc2quant.core import artifact\n"
            "from sc2quant.runtime.convert import converted_onnx\n"
@@ -63,7 +63,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(tiny_gptq_
     (tmp_path / "home").write_text("a file where the cache's parent should be: nothing can be created under it")
     monkeypatch.delenv("SC2QUANT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / "cache"))
-    monkeypatch.setattr(convert.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     root = convert.writable_cache_root()
     assert root == tmp_path / "tmp" / f"sc2quant-{os.getuid()}" / "converted" and root.is_dir()
@@ -79,7 +79,7 @@ def test_a_shared_fallback_folder_of_someone_else_is_refused(tmp_path, monkeypat
     monkeypatch.setenv("SC2QUANT_CACHE", "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(convert.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(tmp_path))
     (tmp_path / f"sc2quant-{os.getuid()}").mkdir(mode=0o777)
     os.chmod(tmp_path / f"sc2quant-{os.getuid()}", 0o777)  # writable by others: not ours to trust
     with pytest.raises(UserError, match="SC2QUANT_CACHE"):

@@ -155,7 +155,7 @@ def test_two_first_loads_at_once_build_one_entry(artifact_copy, cache):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0]
-    assert sum(err.count("preparing onnx-int4's int4 weights") for _, err in outs) == 1  # one built, one mapped
+    assert sum(err.count("prepared onnx-int4's int4 weights") for _, err in outs) == 1  # one built, one mapped
     [entry] = _entries(cache)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no staging left behind
 
@@ -187,3 +187,16 @@ def test_a_save_that_fails_says_so(artifact_copy, cache):
                           env={**os.environ, "SC2QUANT_CACHE": str(cache)})
     assert done.returncode == 0, done.stderr
     assert "not saving prepacked weights" in done.stderr and _entries(cache) == []
+
+
+def test_a_graph_the_engine_refuses_is_not_kept(artifact_copy, cache):
+    import onnxruntime as ort
+
+    from sc2quant.core.errors import UserError
+
+    def refuse(_session) -> None:
+        raise UserError("not this graph")
+
+    with pytest.raises(UserError, match="not this graph"):
+        prepacked.session(artifact_copy / "model.onnx", ort.SessionOptions, ["CPUExecutionProvider"], "cpu", refuse)
+    assert _entries(cache) == [] and not any((cache / prepacked.KIND).glob(".*"))

@@ -62,9 +62,10 @@ class OnnxEngine:
                             "re-export it with `sc2quant export onnx`")
         try:
             # int4 weights prepacked for this CPU once, mapped from the user cache on later loads
+            # (checked against genai_config before a prepacked copy is kept)
             self.session = prepacked.session(self.path / decoder["filename"],
                                              lambda: _session_options(options.threads, options.profile_dir),
-                                             _providers(self.device), self.device)
+                                             _providers(self.device), self.device, self._check_graph)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for missing or damaged files
@@ -72,10 +73,6 @@ class OnnxEngine:
             raise UserError(f"ONNX Runtime cannot load {self.path.name} ({reason}): its files are damaged or "
                             "missing; load it with its checksums verified, or export it again") from exc
         types = {i.name: i.type for i in self.session.get_inputs()}
-        pasts = sorted(name for name in types if name.startswith("past_key_values."))
-        if len(pasts) != 2 * self.num_layers:
-            raise UserError(f"{GENAI_CONFIG} in {self.path} says {self.num_layers} layers but the graph has "
-                            f"{len(pasts) // 2}: re-export the model")
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.cache_dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         out_types = {o.name: o.type for o in self.session.get_outputs()}
@@ -164,6 +161,13 @@ class OnnxEngine:
         return Path(self.session.end_profiling())
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _check_graph(self, session: Any) -> None:
+        """The graph has the layers genai_config.json says (a hand-edited config is refused)."""
+        pasts = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        if len(pasts) != 2 * self.num_layers:
+            raise UserError(f"{GENAI_CONFIG} in {self.path} says {self.num_layers} layers but the graph has "
+                            f"{len(pasts) // 2}: re-export the model")
 
     def _new_state(self, lengths: list[int]) -> OnnxState:
         import onnxruntime as ort
