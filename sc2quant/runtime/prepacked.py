@@ -10,7 +10,8 @@ The packing depends on the CPU and on ORT's version, so an entry is keyed by the
 checksums and files (sizes, modification times), ORT's version and the CPU (model name and
 instruction set). Entries live in the user cache (`prepacked/<artifact>-<key>`, runtime/cache.py),
 are built by the first load under a lock (a second process waits, then maps the result), written
-in a staging folder and renamed into place, and carry a small manifest of their files' sizes and
+in a staging folder marked as artifacts' are (`artifact.clean_stale_tmp` sweeps a killed build's)
+and renamed into place, and carry a small manifest of their files' sizes and
 times, checked on every load (hashing half a gigabyte on each load would cost what the entry
 saves); a changed or partial entry is built again. One entry per artifact folder: building a new
 one removes the entries an earlier version of the same folder left.
@@ -21,11 +22,14 @@ written or the disk has not room for about three times the weights, and with SC2
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,8 +137,9 @@ def _identity(path: Path) -> list[int] | None:
         return None
 
 
+@functools.cache
 def _cpu() -> str:
-    """The CPU's model name and instruction-set flags (Linux), else what Python knows of it."""
+    """The CPU's model name and instruction-set flags (Linux), else what Python knows of it (read once)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -177,12 +182,13 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
         raise UserError(f"{free / 2**30:.1f} GiB free in {entry.parent}, about {ROOM_FACTOR * weights / 2**30:.1f} "
                         "wanted: free some space or set SC2QUANT_CACHE elsewhere")
     _drop_older(entry, model_file.parent)
-    for stale in entry.parent.glob(f".{entry.name}.partial-*"):  # a build killed midway (we hold its lock)
-        shutil.rmtree(stale, ignore_errors=True)
     from sc2quant.core.console import console
 
-    staging = entry.parent / f".{entry.name}.partial-{os.getpid()}"
-    staging.mkdir()
+    # staged as every artifact is (artifact.staging's marked folder): a build killed midway leaves a folder
+    # marked with its dead pid, which the next build here removes
+    artifact.clean_stale_tmp(entry.parent)
+    staging = Path(tempfile.mkdtemp(prefix=artifact.TMP_PREFIX + entry.name + "-", dir=entry.parent))
+    (staging / artifact.PID_FILE).write_text(str(os.getpid()))
     try:
         saving = options()
         saving.optimized_model_filepath = str(staging / GRAPH)
@@ -205,6 +211,8 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
                 record = {**_record(model_file.parent), "files": {n: _identity(staging / n) for n in (GRAPH, DATA)}}
                 (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
                 os.replace(staging, entry)
+                with contextlib.suppress(OSError):  # marked until renamed: never swept while being built
+                    (entry / artifact.PID_FILE).unlink()
                 console.print(f"prepared {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry}; "
                               "later loads map them)", highlight=False, markup=False)
             except OSError as exc:  # a full disk, a leftover entry that could not be removed: the session runs anyway
@@ -223,9 +231,9 @@ def _record(source: Path) -> dict[str, Any]:
 
 
 def _drop_older(entry: Path, source: Path) -> None:
-    """Remove what an earlier version of the same artifact folder left on this kind of machine: its
-    entries (built by this ORT for this CPU: another machine sharing the cache keeps its own), and
-    staging folders of builds killed midway (their process gone). All of it our own files."""
+    """Remove the entries an earlier version of the same artifact folder left on this kind of machine
+    (built by this ORT for this CPU: another machine sharing the cache keeps its own); only folders
+    whose manifest says they are ours for that source."""
     mine = _record(source)
     for other in entry.parent.glob(f"{source.name}-*"):
         try:
@@ -234,17 +242,3 @@ def _drop_older(entry: Path, source: Path) -> None:
                 shutil.rmtree(other, ignore_errors=True)
         except (OSError, ValueError, AttributeError):
             continue
-    for stale in entry.parent.glob(f".{source.name}-*.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -118,7 +118,7 @@ def test_a_full_disk_means_a_plain_load_and_one_note(artifact_copy, cache, monke
     monkeypatch.setattr(prepacked.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     _outputs(artifact_copy)
     assert "GiB free" in capsys.readouterr().err and _entries(cache) == []
-    assert not any((cache / prepacked.KIND).glob(".*partial*"))  # nothing half-written left
+    assert not any((cache / prepacked.KIND).glob(".*"))  # nothing half-written left
 
 
 def test_graphs_without_a_manifest_are_not_cached(artifact_copy, cache):
@@ -135,12 +135,21 @@ def test_a_build_killed_midway_leaves_nothing_behind_after_the_next(artifact_cop
     _outputs(artifact_copy)
     [entry] = _entries(cache)
     shutil.rmtree(entry)
-    stale = entry.parent / f".{entry.name}.partial-999999"  # what a SIGKILLed first load leaves
-    stale.mkdir()
-    (stale / prepacked.DATA).write_bytes(b"half")
+    import subprocess
+
+    from sc2quant.core import artifact
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has ended
+    stale, other, live = (entry.parent / (artifact.TMP_PREFIX + name) for name in
+                          (f"{entry.name}-killed", "another-0123456789abcdef-killed", "another-building"))
+    for folder, pid in ((stale, gone.pid), (other, gone.pid), (live, os.getpid())):  # what SIGKILLed builds leave
+        folder.mkdir()
+        (folder / artifact.PID_FILE).write_text(str(pid))
+        (folder / prepacked.DATA).write_bytes(b"half")
     _outputs(artifact_copy)
-    assert _entries(cache) == [entry] and not stale.exists()
-    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+    assert _entries(cache) == [entry] and not stale.exists() and not other.exists()
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, live.name])  # a live build is left
 
 
 def test_two_first_loads_at_once_build_one_entry(artifact_copy, cache):
