@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 from bench import llamacpp
 from bench.models import embedded, random_300m
 from bench.results import write_named
+from bench.scale import fresh_dir
 from sc2quant import export_onnx
 from sc2quant.core.data import eval_documents
 from sc2quant.core.system import machine, vm_hwm
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in envs}
         first_loads, entry_bytes = [], 0
         for r in range(a.rounds):
-            shutil.rmtree(cache, ignore_errors=True)  # the first load on this machine: it packs and saves the weights
+            fresh_dir(cache)  # the first load on this machine: it packs and saves the weights (only ours is emptied)
             first_loads.append(sc2quant_run(export, a.threads, short_prompt, 32, envs[OURS])["first"])
             entry_bytes = _size([cache / "prepacked"])
             order = list(runs)[r % len(runs):] + list(runs)[: r % len(runs)]

@@ -43,7 +43,6 @@ class Tokenizer:
             self.backend = Backend.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
             raise UserError(f"cannot load the tokenizer from {path} ({exc}): the directory needs tokenizer.json") from exc
-        self._literal_backend: Any = None
         if type(self.backend.model).__name__ != "BPE":
             raise UserError(f"the tokenizer in {path} is not a BPE tokenizer: it is not StarCoder2's; copy the original "
                             "model's tokenizer files")
@@ -69,24 +68,13 @@ class Tokenizer:
         """transformers' call: {"input_ids": ...} (also as an attribute), one list per text of a list;
         split_special_tokens: special-token strings in the text are plain text (as transformers');
         its other options (verbose, ...) change no ids here."""
-        backend = self._literal() if split_special_tokens else self.backend
+        backend = literal_backend(self) if split_special_tokens else self.backend
         if isinstance(text, str):
             return Encoding(input_ids=backend.encode(text, add_special_tokens=add_special_tokens).ids)
         return Encoding(input_ids=[e.ids for e in backend.encode_batch(text, add_special_tokens=add_special_tokens)])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def _literal(self) -> Any:
-        """A second copy of the tokenizer that reads special-token strings as text (`encode_special_tokens`
-        is a setting of the object, not of a call: a copy, so concurrent callers never see it switched)."""
-        if self._literal_backend is None:
-            from tokenizers import Tokenizer as Backend
-
-            copy = Backend.from_str(self.backend.to_str())
-            copy.encode_special_tokens = True
-            self._literal_backend = copy
-        return self._literal_backend
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -98,6 +86,16 @@ class Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
 
+def check_utf8(texts: Any, what: str = "the prompt") -> None:
+    """Refuse text that cannot be encoded as UTF-8 (a lone surrogate from a JSON escape or a
+    command line), in one line naming `what` and where."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserError(f"{what} is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` read as plain text: special-token strings in it are not special tokens
     (code being completed may contain `<fim_middle>` or `<|endoftext|>`). Either tokenizer: this
@@ -107,14 +105,15 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 def literal_backend(tokenizer: Any) -> Any:
-    """A `tokenizers.Tokenizer` copy of `tokenizer` that reads special-token strings as text, made once."""
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer._literal()
+    """A `tokenizers.Tokenizer` copy of `tokenizer` (this module's or transformers') that reads
+    special-token strings as text, made once and kept on it (`encode_special_tokens` is a setting of
+    the object, not of a call: a copy, so concurrent callers never see it switched)."""
     copy = getattr(tokenizer, "_sc2quant_literal", None)
     if copy is None:
         from tokenizers import Tokenizer as Backend
 
-        copy = Backend.from_str(tokenizer.backend_tokenizer.to_str())
+        backend = tokenizer.backend if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+        copy = Backend.from_str(backend.to_str())
         copy.encode_special_tokens = True
         tokenizer._sc2quant_literal = copy
     return copy

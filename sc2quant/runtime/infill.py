@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import Field, StrictBool
 
 from sc2quant.core.errors import UserError
-from sc2quant.core.tokenizer import encode_pieces, encode_text
+from sc2quant.core.tokenizer import check_utf8, encode_pieces, encode_text
 from sc2quant.core.tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, repo_pieces
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import add_chunk, new_row
@@ -64,11 +64,7 @@ def infill_ids(tokenizer: Any, context: int, req: InfillRequest) -> tuple[list[i
     """The request's prompt as token ids, trimmed to the context as llama-server trims it (see the
     module's docstring), and whether anything was cut."""
     files = tuple((f.filename, f.text) for f in req.input_extra)
-    for text in (req.input_prefix, req.input_suffix, req.prompt, *(t for f in files for t in f)):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise UserError(f"the request is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+    check_utf8((req.input_prefix, req.input_suffix, req.prompt, *(t for f in files for t in f)), "the request")
     prefix, prompt, suffix = (encode_text(tokenizer, t) for t in (req.input_prefix, req.prompt, req.input_suffix))
     extra = encode_pieces(tokenizer, repo_pieces(files))
     pre, suf, mid = encode_pieces(tokenizer, [(FIM_PREFIX, True), (FIM_SUFFIX, True), (FIM_MIDDLE, True)])

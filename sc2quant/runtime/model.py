@@ -20,7 +20,7 @@ import numpy as np
 from sc2quant.core import artifact
 from sc2quant.core.console import api_output
 from sc2quant.core.errors import UserError
-from sc2quant.core.tokenizer import encode_pieces
+from sc2quant.core.tokenizer import check_utf8, encode_pieces
 from sc2quant.core.tokens import STOP_TOKENS, fim_pieces
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
 from sc2quant.runtime.lookup import Drafter, trusted, verify
@@ -169,13 +169,9 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], suffix: str | Non
         if suffix is not None:
             raise UserError("a suffix needs the prompt as text, not token ids")
         return _check_ids(tokenizer, prompt)
-    for text in (prompt, suffix or ""):
-        if not isinstance(text, str):
-            raise UserError(f"prompts must be strings, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise UserError(f"the prompt is not valid UTF-8 text (position {exc.start}): send UTF-8") from None
+    if not isinstance(suffix or "", str):
+        raise UserError(f"prompts must be strings, got {type(suffix).__name__}")
+    check_utf8((prompt, suffix or ""))
     if suffix is not None:
         return encode_pieces(tokenizer, fim_pieces(prompt, suffix))
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
