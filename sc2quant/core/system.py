@@ -63,6 +63,19 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: 0/false/no/off or 1/true/yes/on (unset or empty: `default`);
+    anything else is refused in one line."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value == "":
+        return default
+    raise UserError(f"{name}={value!r} is neither on nor off: set it to 0 (off) or 1 (on)")
+
+
 def cpu_flags() -> set[str]:
     """Every flag /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
     return _cpuinfo()[1]

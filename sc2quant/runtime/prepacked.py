@@ -37,6 +37,7 @@ from typing import Any
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import file_identity
+from sc2quant.core.system import env_switch
 
 KIND = "prepacked"  # the cache's folder of these entries
 GRAPH = "model.opt.onnx"
@@ -98,12 +99,7 @@ def _checked(made: Any, check: Callable[[Any], None]) -> Any:
 
 def enabled() -> bool:
     """SC2QUANT_PREPACKED: 0/false/no/off turn the cache off; 1/true/yes/on (or unset) keep it."""
-    value = os.environ.get("SC2QUANT_PREPACKED", "1").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on", ""):
-        return True
-    raise UserError(f"SC2QUANT_PREPACKED={value!r} is neither on nor off: set it to 0 (off) or 1 (on)")
+    return env_switch("SC2QUANT_PREPACKED", True)
 
 
 def _key(folder: Path) -> str | None:

@@ -23,6 +23,7 @@ from sc2quant.core.errors import UserError
 from sc2quant.core.files import read_json
 from sc2quant.core.hf import check_genai_sizes
 from sc2quant.core.names import ONNX_WEIGHT_SUFFIXES
+from sc2quant.core.system import env_switch
 from sc2quant.core.tokenizer import Tokenizer
 from sc2quant.runtime import prepacked
 from sc2quant.runtime.engines.base import EngineOptions
@@ -228,6 +229,9 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
 
 
+SPIN = True  # the default of session.intra_op.allow_spinning (SC2QUANT_ORT_SPIN overrides it)
+
+
 def _session_options(threads: int | None, profile_dir: Path | None = None) -> Any:
     import onnxruntime as ort
 
@@ -235,6 +239,8 @@ def _session_options(threads: int | None, profile_dir: Path | None = None) -> An
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    # ORT's intra-op threads spin between ops unless told not to (bench/results: busy machine)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if env_switch("SC2QUANT_ORT_SPIN", SPIN) else "0")
     if profile_dir is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(profile_dir) / "ort")
