@@ -21,6 +21,7 @@ from sc2quant.core.console import api_output, console, progress, quiet_libraries
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.hf import check_tokenizer, read_config, weight_files
+from sc2quant.core.names import WEIGHT_SUFFIXES
 from sc2quant.core.source import ModelSource, resolve_source
 from sc2quant.formats import Method, get_format
 from sc2quant.formats.gptq import onnx_refusal
@@ -30,9 +31,20 @@ DTYPES = ("fp32", "fp16")
 WEIGHTS = ("fp", "int4")
 BLOCK_SIZES = (32, 64, 128)
 DEVICES = ("cpu", "cuda")
-# Measured on the embedded model (KL to bf16, bench/results): int4 3.8e-3, int8 9.1e-4 for +22 % of
-# disk; the 315M model's export stays within 1.1x llama.cpp Q4_K_M's size.
+# The int4 defaults, one choice for every CPU kind met (bench/results/*-defaults.md; README "Defaults"):
+# block 128: 1.26x prefill / 1.34x decode of llama.cpp Q4_0 on the 315M model (AVX512 EPYC) against
+# 0.87x / 1.12x at block 32, the same order on the AMX Xeon; its KL cost is what GPTQ wins back.
+DEFAULT_BLOCK = 128
+# lm_head int8: KL to bf16 on the embedded model int4 3.8e-3, int8 9.1e-4 for +22 % of disk; the
+# 315M model's export stays within 1.1x llama.cpp Q4_K_M's size.
 DEFAULT_LM_HEAD = "int8"
+# How a float checkpoint's matrices get their int4 grid. "gptq": GPTQ on CALIB_TOKENS tokens of the
+# shipped calibration text (sc2quant.quant.gptq_lite), KL to bf16 on the embedded model 0.25x
+# round-to-nearest's at block 128 (0.28x at 32); "rtn": round-to-nearest, no data, seconds.
+INT4_METHODS = ("gptq", "rtn")
+DEFAULT_INT4_METHOD = "gptq"
+CALIB_TOKENS = 4096  # 8 x 512 (16 x 256 within the embedded model's window): 16 -> 32 windows gained 0.3 % KL
+CALIBRATED = ".gptq-lite"  # the calibrated GPTQ checkpoint, inside the staging folder until the build has read it
 VERB = "export onnx"
 
 
@@ -42,11 +54,12 @@ def export_onnx(
     out: str | Path | None = None,
     dtype: str = "fp32",
     weights: str = "fp",
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK,
     symmetric: bool = True,
     device: str = "cpu",
     force: bool = False,
     lm_head: str | None = None,
+    int4_method: str | None = None,
     given: set[str] | None = None,
 ) -> Path:
     """Export `model` (directory, hub id, artifact, or None for the embedded model) to `out`.
@@ -57,33 +70,46 @@ def export_onnx(
     lm_head (int4 weights only): "int8" (the default: the output matrix, read whole at every step and
     the most sensitive to rounding, at 8 bits as llama.cpp keeps it above 4; a tied embedding reads
     the same int8 matrix), "int4" (smallest), or "float" (a GPTQ checkpoint's own, bit for bit).
+    int4_method (int4 weights of a float checkpoint): "gptq" (the default: GPTQ on a few thousand
+    tokens of the shipped calibration text, minutes at 3B) or "rtn" (round-to-nearest, no data).
     given: the options the user set (default: those that differ from their defaults); one that
     does not apply (an int4 setting for a float export, a grid setting for a GPTQ checkpoint,
     whose grid is carried over) is refused.
     """
     if given is None:
-        given = {k for k, v, d in (("weights", weights, "fp"), ("block_size", block_size, 32),
-                                   ("symmetric", symmetric, True), ("lm_head", lm_head, None)) if v != d}
+        given = {k for k, v, d in (("weights", weights, "fp"), ("block_size", block_size, DEFAULT_BLOCK),
+                                   ("symmetric", symmetric, True), ("lm_head", lm_head, None),
+                                   ("int4_method", int4_method, None)) if v != d}
     _check_options(dtype, weights, block_size, device)
     if lm_head not in (None, *LM_HEADS):
         raise UserError(f"unknown --lm-head '{lm_head}': choose one of {', '.join(LM_HEADS)}")
+    if int4_method not in (None, *INT4_METHODS):
+        raise UserError(f"unknown --int4-method '{int4_method}': choose one of {', '.join(INT4_METHODS)}")
     quiet_libraries()
     source = resolve_source(model)
     config = read_config(source.path)
     gptq = _check_source(source, config)
     if gptq is not None:
-        _refuse(given & {"block_size", "symmetric"} | ({"weights"} if weights == "fp" and "weights" in given else set()),
+        wrong = given & {"block_size", "symmetric", "int4_method"}
+        _refuse(wrong | ({"weights"} if weights == "fp" and "weights" in given else set()),
                 f"{source.id}: a GPTQ checkpoint, whose int4 grid (group {gptq['group_size']}) is carried over as it is")
         weights, block_size, symmetric = "int4", int(gptq["group_size"]), bool(gptq.get("sym", True))
     elif weights != "int4":
-        _refuse(given & {"block_size", "symmetric", "lm_head"}, "a float export (add --weights int4)")
+        _refuse(given & {"block_size", "symmetric", "lm_head", "int4_method"}, "a float export (add --weights int4)")
     check_tokenizer(source.path)
     out = artifact.output_path(out, default_out(source, dtype, weights, block_size, symmetric))
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or DEFAULT_LM_HEAD)
     method = _method(dtype, weights, block_size, symmetric, opts.lm_head)
     started = time.monotonic()
+    int4_method = (int4_method or DEFAULT_INT4_METHOD) if weights == "int4" and gptq is None else None
     with artifact.staging(out, force, VERB, [source.path]) as tmp:
-        facts = _build(source, config, tmp, opts)
+        build_from, calibration = source.path, None
+        if int4_method == "gptq":
+            build_from = tmp / CALIBRATED
+            calibration = _calibrate(source, config, build_from, block_size, symmetric)
+        facts = _build(build_from, config, tmp, opts)
+        if calibration is not None:
+            shutil.rmtree(build_from)
         shutil.copy2(source.path / "config.json", tmp / "config.json")  # the engine's `config`
         manifest = artifact.Manifest(
             kind=method.kind,
@@ -91,7 +117,9 @@ def export_onnx(
             bits=4 if weights == "int4" else int(dtype[2:]),
             group_size=block_size if weights == "int4" else None,
             params={"method_name": method.name,
-                    **_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts, time.monotonic() - started)},
+                    **_params(dtype, weights, block_size, symmetric, device, opts, gptq, facts, time.monotonic() - started),
+                    **({"int4_method": int4_method} if int4_method else {}),
+                    **({"calibration": calibration} if calibration else {})},
             source=artifact.source_identity(source.id, source.kind, source.path),
             verb=VERB,
         )
@@ -107,7 +135,8 @@ def _method(dtype: str, weights: str, block_size: int, symmetric: bool, lm_head:
     return Method("onnx", dtype=dtype)
 
 
-def default_out(source: ModelSource, dtype: str, weights: str, block_size: int = 32, symmetric: bool = True) -> Path:
+def default_out(source: ModelSource, dtype: str, weights: str, block_size: int = DEFAULT_BLOCK,
+                symmetric: bool = True) -> Path:
     """out/<model>-<method>: <model> is "embedded", the directory name, or the hub name."""
     return Path("out") / f"{source.short_name}-{_method(dtype, weights, block_size, symmetric).label}"
 
@@ -175,7 +204,33 @@ def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, d
     )
 
 
-def _build(source: ModelSource, config: dict[str, Any], tmp: Path, opts: Any) -> dict[str, Any]:
+def _calibrate(source: ModelSource, config: dict[str, Any], out: Path, block_size: int, symmetric: bool) -> dict[str, Any]:
+    """GPTQ of every decoder Linear on the shipped calibration text, written into `out` as a GPTQ
+    v1 checkpoint (with the source's tokenizer files) for the builder's GPTQ path."""
+    from sc2quant.core.data import calibration_samples
+    from sc2quant.core.hf import load_tokenizer
+    from sc2quant.quant import gptq_lite
+
+    window = int(config.get("sliding_window") or config["max_position_embeddings"])
+    seqlen = min(512, window, int(config["max_position_embeddings"]))
+    samples, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
+                                             seqlen, seed=0)
+    out.mkdir()
+    layers = int(config["num_hidden_layers"])
+    with progress() as bar:
+        task = bar.add_task(f"GPTQ on {len(samples)} x {seqlen} calibration tokens", total=layers)
+        done = gptq_lite.quantize(source.path, out, samples, 4, block_size, symmetric,
+                                  on_layer=lambda i, n: bar.update(task, completed=i))
+    for f in source.path.iterdir():  # the tokenizer and generation settings the builder copies
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) \
+                and f.name not in ("config.json", artifact.MANIFEST_NAME, "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    return {"method": "GPTQ (sc2quant.quant.gptq_lite): groups in order, damp 0.01, layer by layer on the "
+                      "quantized layers' outputs",
+            "data": described, **done}
+
+
+def _build(source_path: Path, config: dict[str, Any], tmp: Path, opts: Any) -> dict[str, Any]:
     """Run the builder with progress, then check the graph and genai_config before anything is kept."""
     import onnx
 
@@ -185,7 +240,7 @@ def _build(source: ModelSource, config: dict[str, Any], tmp: Path, opts: Any) ->
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     layers = int(config["num_hidden_layers"])
     with progress() as bar:
-        task = bar.add_task(f"loading {source.path.name}", total=None)
+        task = bar.add_task(f"loading {source_path.name}", total=None)
 
         def on_layer(layer_id: int) -> None:
             bar.update(task, description="building layers", total=layers, completed=layer_id + 1)
@@ -194,7 +249,7 @@ def _build(source: ModelSource, config: dict[str, Any], tmp: Path, opts: Any) ->
             bar.update(task, description="quantizing lm_head, saving" if "int4" in opts.precision else "saving",
                        total=None)
 
-        onnx_builder.build(source.path, tmp, opts, on_stage=on_stage, on_layer=on_layer)
+        onnx_builder.build(source_path, tmp, opts, on_stage=on_stage, on_layer=on_layer)
         bar.update(task, description="checking graph", total=1, completed=0)
         proto = onnx.load(str(tmp / onnx_builder.MODEL_FILE), load_external_data=False)
         facts = check_graph(proto, config)

@@ -55,12 +55,10 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return (scales.float()[g] * (q - z[g])).t().contiguous()
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> dict[str, torch.Tensor]:
-    """Round-to-nearest per group, on the same grid GPTQ uses (so the two compare fairly)."""
-    n, k = weight.shape
-    g = k if group_size == -1 else group_size
+def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's grid for groups along the last dim of `w` ([..., g]): scale (already rounded to its
+    stored fp16 value) and zero point per group. Shared by RTN and the export's GPTQ."""
     maxq = 2**bits - 1
-    w = weight.float().reshape(n, k // g, g)
     wmin = w.amin(dim=-1).clamp(max=0)
     wmax = w.amax(dim=-1).clamp(min=0)
     if sym:
@@ -69,15 +67,28 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = T
     scale = (wmax - wmin) / maxq
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-wmin / scale)
-    scale = scale.half().float()  # stored in fp16: quantize against the stored value
-    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
-    q = q.reshape(n, k).to(torch.int32)
+    return scale.half().float(), zero  # stored in fp16: quantize against the stored value
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, g: int) -> dict[str, torch.Tensor]:
+    """Integers q [N, K], scale and zero [N, G] as GPTQ v1 tensors."""
+    k = q.shape[1]
     return {
-        "qweight": pack_rows(q.t().contiguous(), bits),
+        "qweight": pack_rows(q.t().contiguous().to(torch.int32), bits),
         "qzeros": pack_cols((zero.t() - 1).to(torch.int32), bits),  # v1 stores zero - 1
         "scales": scale.t().contiguous().half(),
         "g_idx": (torch.arange(k, dtype=torch.int32) // g),
     }
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> dict[str, torch.Tensor]:
+    """Round-to-nearest per group, on the same grid GPTQ uses (so the two compare fairly)."""
+    n, k = weight.shape
+    g = k if group_size == -1 else group_size
+    w = weight.float().reshape(n, k // g, g)
+    scale, zero = grid(w, bits, sym)
+    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
+    return pack(q.reshape(n, k), scale, zero, bits, g)
 
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, method: str, **extra) -> dict:
