@@ -10,8 +10,9 @@ from pathlib import Path
 from bench import llamacpp
 from sc2quant.core.console import console
 
-DEFAULT_EXPORT = "sc2quant ONNX int4 default (RTN b32, lm_head int8)"
+DEFAULT_EXPORT = "sc2quant ONNX int4 default (GPTQ-lite b128, lm_head int8)"
 DEFAULT_FROM_GPTQ = "sc2quant ONNX int4 from GPTQ g128 (default, lm_head int8)"
+SPIN_OFF = "sc2quant ONNX int4 default, SC2QUANT_ORT_SPIN=0"
 REFERENCE = {"cpu": "llama.cpp Q4_0", "cuda": "transformers bf16"}  # ratios are against this, within a round
 
 
@@ -22,6 +23,7 @@ class Contender:
     path: Path
     dtype: str = "auto"  # torch compute dtype of a plain checkpoint
     static_cache: bool | None = None  # torch engine: None is its default (static + CUDA graphs on CUDA only)
+    env: tuple[tuple[str, str], ...] = ()  # set in the measuring child (an ONNX Runtime setting, for example)
 
     @property
     def is_gguf(self) -> bool:
@@ -88,14 +90,23 @@ def build_all(name: str, model_dir: Path, workdir: Path, threads: int, calib: tu
     if device == "cpu":
         plan += [
             ("sc2quant ONNX fp32", "sc2quant", lambda: onnx("onnx-fp32", model_dir, dtype="fp32"), {}),
-            # the defaults: `sc2quant export onnx MODEL --weights int4` (RTN b32, int8 lm_head shared
-            # with the embedding) and `sc2quant export onnx GPTQ-ARTIFACT` (same lm_head)
+            # the defaults: `sc2quant export onnx MODEL --weights int4` (GPTQ on the shipped calibration
+            # text, block 128, int8 lm_head shared with the embedding) and `sc2quant export onnx GPTQ-ARTIFACT`
             (DEFAULT_EXPORT, "sc2quant", lambda: onnx("onnx-int4-default", model_dir, weights="int4"), {}),
-            ("sc2quant ONNX int4 (RTN b32, lm_head int4)", "sc2quant",
-             lambda: onnx("onnx-int4-rtn-b32-lm4", model_dir, weights="int4", lm_head="int4"), {}),
+            (SPIN_OFF, "sc2quant",
+             lambda: onnx("onnx-int4-default", model_dir, weights="int4"), {"env": (("SC2QUANT_ORT_SPIN", "0"),)}),
+            # the choices the defaults were picked from: block size, data-free or calibrated, lm_head
+            ("sc2quant ONNX int4 (RTN b128, lm_head int8)", "sc2quant",
+             lambda: onnx("onnx-int4-rtn-b128", model_dir, weights="int4", int4_method="rtn"), {}),
+            ("sc2quant ONNX int4 (RTN b32, lm_head int8; the defaults before)", "sc2quant",
+             lambda: onnx("onnx-int4-rtn-b32", model_dir, weights="int4", int4_method="rtn", block_size=32), {}),
+            ("sc2quant ONNX int4 (GPTQ-lite b64, lm_head int8)", "sc2quant",
+             lambda: onnx("onnx-int4-gptq-lite-b64", model_dir, weights="int4", block_size=64), {}),
+            ("sc2quant ONNX int4 (GPTQ-lite b32, lm_head int8)", "sc2quant",
+             lambda: onnx("onnx-int4-gptq-lite-b32", model_dir, weights="int4", block_size=32), {}),
+            ("sc2quant ONNX int4 (GPTQ-lite b128, lm_head int4)", "sc2quant",
+             lambda: onnx("onnx-int4-gptq-lite-b128-lm4", model_dir, weights="int4", lm_head="int4"), {}),
             (DEFAULT_FROM_GPTQ, "sc2quant", lambda: onnx("onnx-int4-gptq-default", gptq()), {}),
-            ("sc2quant ONNX int4 (GPTQ g128, lm_head float)", "sc2quant",
-             lambda: onnx("onnx-int4-gptq-g128-lmfloat", gptq(), lm_head="float"), {}),
         ]
     contenders = [Contender(name, runtime, build(), **kw) for name, runtime, build, kw in plan if wanted(name)]
     llama = llama and device == "cpu" and wanted("llama.cpp")

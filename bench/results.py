@@ -11,8 +11,10 @@ from typing import Any
 from bench.contenders import DEFAULT_EXPORT, DEFAULT_FROM_GPTQ
 
 DEFAULTS = (DEFAULT_EXPORT, DEFAULT_FROM_GPTQ)
-# issue 21's targets for the default exports, against llama.cpp on the same weights
-TARGETS = {"decode": 1.2, "prefill": 1.2, "disk_vs_q4_k_m": 1.1, "rss": 1.2, "kl_vs_q4_k_m_imatrix": 0.5}
+# the targets for the default exports, against llama.cpp on the same weights (issues 21, 27, 28)
+TARGETS = {"decode": 1.3, "prefill": 1.2, "disk_vs_q4_k_m": 1.1, "rss": 1.2, "kl_vs_q4_k_m_imatrix": 0.5}
+TARGETS_FROM_GPTQ = {**TARGETS, "decode": 1.5}  # GPTQ, then export (the main job's pipeline)
+BUSY_PEER = "llama.cpp Q4_0"  # with one core busy, no contender of ours may keep less of its speed than this
 
 
 def stem(result: dict) -> str:
@@ -73,13 +75,16 @@ def verdict(result: dict) -> list[str]:
     small = result["models"].get("embedded", {}).get("contenders", {})
     for name in DEFAULTS:
         c, q4km = big.get(name, {}), big.get("llama.cpp Q4_K_M+imatrix", {})
+        targets = TARGETS_FROM_GPTQ if name == DEFAULT_FROM_GPTQ else TARGETS
         if "ratio_vs_reference" in c:
             r, spread = c["ratio_vs_reference"], c.get("ratio_spread", {})
-            lines.append(_check(f"300M decode, {name} / Q4_0", r["decode_tokens_per_s"], TARGETS["decode"], True,
+            lines.append(_check(f"300M decode, {name} / Q4_0", r["decode_tokens_per_s"], targets["decode"], True,
                                 spread.get("decode_tokens_per_s")))
-            lines.append(_check(f"300M prefill, {name} / Q4_0", r["prefill_tokens_per_s"], TARGETS["prefill"], True,
+            lines.append(_check(f"300M prefill, {name} / Q4_0", r["prefill_tokens_per_s"], targets["prefill"], True,
                                 spread.get("prefill_tokens_per_s")))
-            lines.append(_check(f"300M peak RSS, {name} / Q4_0", r["peak_rss_bytes"], TARGETS["rss"], False))
+            lines.append(_check(f"300M peak RSS, {name} / Q4_0", r["peak_rss_bytes"], targets["rss"], False))
+        if name == DEFAULT_FROM_GPTQ:
+            continue  # disk and KL: the targets of the export of a float checkpoint
         if "bytes_on_disk" in c and q4km.get("bytes_on_disk"):
             lines.append(_check(f"300M disk, {name} / Q4_K_M+imatrix", c["bytes_on_disk"] / q4km["bytes_on_disk"],
                                 TARGETS["disk_vs_q4_k_m"], False))
@@ -87,7 +92,38 @@ def verdict(result: dict) -> list[str]:
         if ours and ref:
             lines.append(_check(f"embedded KL, {name} / Q4_K_M+imatrix ({ours['kl_mean']:.2e} vs {ref['kl_mean']:.2e})",
                                 ours["kl_mean"] / ref["kl_mean"], TARGETS["kl_vs_q4_k_m_imatrix"], False))
+    lines += busy_verdict(big)
     return lines or ["- (the default exports were not measured against llama.cpp in this run)"]
+
+
+def busy_verdict(contenders: dict) -> list[str]:
+    """With one core busy, each sc2quant contender keeps at least the share of its idle speed that
+    llama.cpp Q4_0 keeps (prefill and decode)."""
+    peer = contenders.get(BUSY_PEER, {}).get("busy_kept")
+    if not peer:
+        return []
+    lines = []
+    for name, c in contenders.items():
+        if c.get("runtime") == "sc2quant" and c.get("busy_kept"):
+            for k, what in (("decode_tokens_per_s", "decode"), ("prefill_tokens_per_s", "prefill")):
+                ours, theirs = c["busy_kept"][k], peer[k]
+                lines.append(f"- busy machine, 300M {what}, {name}: keeps **{ours:.0%}** of its idle speed, "
+                             f"{BUSY_PEER} {theirs:.0%} ({'meets' if ours >= theirs else 'misses'}: no more slowdown "
+                             "than llama.cpp's)")
+    return lines
+
+
+def busy_table(entry: dict) -> list[str]:
+    rows = [(n, c) for n, c in entry["contenders"].items() if c.get("busy_kept")]
+    if not rows:
+        return []
+    lines = ["One core busy (a bounded pure-Python loop beside every contender), medians over rounds:", "",
+             "| contender | prefill tok/s | decode tok/s | prefill kept | decode kept |", "|---|---|---|---|---|"]
+    for name, c in rows:
+        b, kept = c["busy_median"], c["busy_kept"]
+        lines.append(f"| {name} | {_f(b['prefill_tokens_per_s'])} | {_f(b['decode_tokens_per_s'])} | "
+                     f"{kept['prefill_tokens_per_s']:.0%} | {kept['decode_tokens_per_s']:.0%} |")
+    return [*lines, ""]
 
 
 GPU_TARGET = 0.25  # batch-1 decode as a fraction of the bandwidth bound (issue 20)
@@ -158,7 +194,7 @@ def render(result: dict, png: str) -> str:
              "(every matrix read once per token; an untied float embedding only by rows). A model that fits in "
              "the caches (the embedded one) can beat its bound.", "", "## Target", "", *verdict(result), ""]
     for name, entry in result["models"].items():
-        lines += [f"## {name} ({entry['parameters'] / 1e6:.1f}M parameters)", "", *table(entry), ""]
+        lines += [f"## {name} ({entry['parameters'] / 1e6:.1f}M parameters)", "", *table(entry), "", *busy_table(entry)]
         if result.get("device") == "cuda":
             lines += engine_lines(entry)
         lines += [f"{n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])

@@ -12,10 +12,14 @@ against the bf16 checkpoint on calib_data's evaluation text, identical token win
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: a GPU user's contenders (transformers bf16, bitsandbytes, GPTQ)")
     ap.add_argument("--only", default="", help="comma-separated substrings: measure only contenders whose name has one")
+    ap.add_argument("--busy", action="store_true",
+                    help="measure every round twice: idle, then with one core kept busy by a bounded background "
+                         "process (the same for every contender); reports each contender's slowdown")
     ap.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per source (drift)")
     ap.add_argument("--rerender", type=Path, help="a results .json: summarise and write it again, measure nothing")
     a = ap.parse_args(argv)
@@ -75,7 +82,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         bandwidth = read_bandwidth(a.threads, a.device)
     reference = REFERENCE[a.device]
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "threads": a.threads,
-                           "device": a.device, "rounds": a.rounds, "workload": SPEED, "read_bandwidth_bytes_per_s": bandwidth,
+                           "device": a.device, "rounds": a.rounds, "busy": a.busy,
+                           "workload": SPEED, "read_bandwidth_bytes_per_s": bandwidth,
                            "reference": reference, "versions": versions(), "models": {}}
     for name in names:
         model_dir = MODELS[name](a.work)
@@ -90,8 +98,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                   "a Hessian solve that means nothing on random weights.")
         for c in contenders:
             entry["contenders"][c.name] = {"runtime": c.runtime, "path": str(c.path), "bytes_on_disk": dir_bytes(c.path),
-                                           "rounds": []}
-        speed_rounds(contenders, entry, a.threads, a.rounds, a.device)
+                                           "env": dict(c.env), "rounds": [], "busy_rounds": []}
+        speed_rounds(contenders, entry, a.threads, a.rounds, a.device, a.busy)
         if name == "embedded":
             drift(contenders, model_dir, entry, a.threads, a.eval_windows, a.device)
         if name == "300m" and a.device == "cpu":
@@ -107,20 +115,42 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds: int, device: str) -> None:
+def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds: int, device: str,
+                 busy: bool = False) -> None:
+    """Each round measures every contender in a rotated order; with `busy`, each contender is measured
+    again right after, with `busy_core` running beside it (rows in "busy_rounds")."""
     native_bf16 = device == "cuda" or _native_bf16()
     for r in range(rounds):
         order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
         for c in order:
-            console.print(f"round {r + 1}/{rounds}: {c.name}")
-            if c.is_gguf:
-                row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
-            else:
-                work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
-                row = measure_in_child(c.path, device, threads=threads, dtype=c.dtype, static_cache=c.static_cache,
-                                       **work)
-            row["round"] = r
-            entry["contenders"][c.name]["rounds"].append(row)
+            for loaded in (False, True) if busy else (False,):
+                console.print(f"round {r + 1}/{rounds}: {c.name}{' (one core busy)' if loaded else ''}")
+                with busy_core() if loaded else contextlib.nullcontext():
+                    if c.is_gguf:
+                        row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
+                    else:
+                        work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
+                        row = measure_in_child(c.path, device, env=dict(c.env), threads=threads, dtype=c.dtype,
+                                               static_cache=c.static_cache, **work)
+                row["round"] = r
+                entry["contenders"][c.name]["busy_rounds" if loaded else "rounds"].append(row)
+
+
+BUSY_SECONDS = 900  # the busy process ends by itself after this, whatever happens to the bench
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """One core kept busy (a pure-Python loop: one thread, no memory traffic to speak of) for the
+    duration, as an editor, a build or a browser would on a developer's machine; bounded in time."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {BUSY_SECONDS}\n"
+                             "while time.time() < end:\n    pass\n"])
+    time.sleep(0.5)  # running before the contender starts
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _native_bf16() -> bool:
@@ -173,6 +203,11 @@ def summarize(entry: dict, bandwidth: float, reference: str) -> None:
         c["weight_bytes"] = weight_bytes_read(c, rows[-1])
         c["decode_bound_tokens_per_s"] = decode_bound(c["weight_bytes"], bandwidth)
         c["decode_fraction_of_bound"] = c["median"]["decode_tokens_per_s"] / c["decode_bound_tokens_per_s"]
+    for c in measured.values():
+        if c.get("busy_rounds"):  # the share of its idle speed each contender keeps with one core busy
+            busy = {k: statistics.median(r[k] for r in c["busy_rounds"]) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+            c["busy_median"] = busy
+            c["busy_kept"] = {k: busy[k] / c["median"][k] for k in busy}
     entry["reference"] = reference
     ref = measured.get(reference)
     if ref is None:

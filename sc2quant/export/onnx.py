@@ -96,12 +96,14 @@ def export_onnx(
         weights, block_size, symmetric = "int4", int(gptq["group_size"]), bool(gptq.get("sym", True))
     elif weights != "int4":
         _refuse(given & {"block_size", "symmetric", "lm_head", "int4_method"}, "a float export (add --weights int4)")
+    int4_method = (int4_method or DEFAULT_INT4_METHOD) if weights == "int4" and gptq is None else None
+    if int4_method == "gptq":
+        block_size = _gptq_block(block_size, config, "block_size" in given)
     check_tokenizer(source.path)
     out = artifact.output_path(out, default_out(source, dtype, weights, block_size, symmetric))
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or DEFAULT_LM_HEAD)
     method = _method(dtype, weights, block_size, symmetric, opts.lm_head)
     started = time.monotonic()
-    int4_method = (int4_method or DEFAULT_INT4_METHOD) if weights == "int4" and gptq is None else None
     with artifact.staging(out, force, VERB, [source.path]) as tmp:
         build_from, calibration = source.path, None
         if int4_method == "gptq":
@@ -202,6 +204,22 @@ def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, d
         symmetric=symmetric,
         lm_head=lm_head if weights == "int4" else "float",
     )
+
+
+def _gptq_block(block_size: int, config: dict[str, Any], chosen: bool) -> int:
+    """GPTQ's groups must tile every matrix's input: the default block steps down to the largest that
+    does (a toy model's hidden size of 64); a block the user chose is refused with the ways out."""
+    def divides(b: int) -> bool:
+        return config["hidden_size"] % b == 0 and config["intermediate_size"] % b == 0
+
+    if divides(block_size):
+        return block_size
+    fits = [b for b in BLOCK_SIZES if divides(b) and b < block_size]
+    if chosen or not fits:
+        raise UserError(f"block size {block_size} does not divide the input features ({config['hidden_size']} and "
+                        f"{config['intermediate_size']}) that GPTQ's groups must tile: choose "
+                        + (f"--block-size {max(fits)} or " if fits else "") + "--int4-method rtn")
+    return max(fits)
 
 
 def _calibrate(source: ModelSource, config: dict[str, Any], out: Path, block_size: int, symmetric: bool) -> dict[str, Any]:
