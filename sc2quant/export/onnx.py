@@ -9,6 +9,7 @@ Every graph is checked (`sc2quant.export.onnx_graph.check_graph`) before the art
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,7 +22,6 @@ from sc2quant.core.console import api_output, console, progress, quiet_libraries
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.hf import check_tokenizer, read_config, weight_files
-from sc2quant.core.names import WEIGHT_SUFFIXES
 from sc2quant.core.source import ModelSource, resolve_source
 from sc2quant.formats import Method, get_format
 from sc2quant.formats.gptq import onnx_refusal
@@ -44,7 +44,6 @@ DEFAULT_LM_HEAD = "int8"
 INT4_METHODS = ("gptq", "rtn")
 DEFAULT_INT4_METHOD = "gptq"
 CALIB_TOKENS = 4096  # 8 x 512 (16 x 256 within the embedded model's window): 16 -> 32 windows gained 0.3 % KL
-CALIBRATED = ".gptq-lite"  # the calibrated GPTQ checkpoint, inside the staging folder until the build has read it
 VERB = "export onnx"
 
 
@@ -104,14 +103,13 @@ def export_onnx(
     opts = _build_options(dtype, weights, block_size, symmetric, device, lm_head or DEFAULT_LM_HEAD)
     method = _method(dtype, weights, block_size, symmetric, opts.lm_head)
     started = time.monotonic()
+    calibration = _calibration(source, config) if int4_method == "gptq" else None
+    if calibration is not None:
+        opts = dataclasses.replace(opts, calibration=tuple(map(tuple, calibration.pop("windows"))))
     with artifact.staging(out, force, VERB, [source.path]) as tmp:
-        build_from, calibration = source.path, None
-        if int4_method == "gptq":
-            build_from = tmp / CALIBRATED
-            calibration = _calibrate(source, config, build_from, block_size, symmetric)
-        facts = _build(build_from, config, tmp, opts)
+        facts = _build(source.path, config, tmp, opts)
         if calibration is not None:
-            shutil.rmtree(build_from)
+            calibration.update(facts.pop("calibration"))
         shutil.copy2(source.path / "config.json", tmp / "config.json")  # the engine's `config`
         manifest = artifact.Manifest(
             kind=method.kind,
@@ -222,30 +220,17 @@ def _gptq_block(block_size: int, config: dict[str, Any], chosen: bool) -> int:
     return max(fits)
 
 
-def _calibrate(source: ModelSource, config: dict[str, Any], out: Path, block_size: int, symmetric: bool) -> dict[str, Any]:
-    """GPTQ of every decoder Linear on the shipped calibration text, written into `out` as a GPTQ
-    v1 checkpoint (with the source's tokenizer files) for the builder's GPTQ path."""
+def _calibration(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
+    """GPTQ's calibration windows from the shipped text ("windows"), and what the manifest records."""
     from sc2quant.core.data import calibration_samples
     from sc2quant.core.hf import load_tokenizer
-    from sc2quant.quant import gptq_lite
 
     window = int(config.get("sliding_window") or config["max_position_embeddings"])
     seqlen = min(512, window, int(config["max_position_embeddings"]))
-    samples, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
+    windows, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
                                              seqlen, seed=0)
-    out.mkdir()
-    layers = int(config["num_hidden_layers"])
-    with progress() as bar:
-        task = bar.add_task(f"GPTQ on {len(samples)} x {seqlen} calibration tokens", total=layers)
-        done = gptq_lite.quantize(source.path, out, samples, 4, block_size, symmetric,
-                                  on_layer=lambda i, n: bar.update(task, completed=i))
-    for f in source.path.iterdir():  # the tokenizer and generation settings the builder copies
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) \
-                and f.name not in ("config.json", artifact.MANIFEST_NAME, "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    return {"method": "GPTQ (sc2quant.quant.gptq_lite): groups in order, damp 0.01, layer by layer on the "
-                      "quantized layers' outputs",
-            "data": described, **done}
+    return {"method": "GPTQ (sc2quant.quant.gptq_lite): static groups in activation order, damp 0.01, each layer on "
+                      "the float outputs of the layers before it", "data": described, "windows": windows}
 
 
 def _build(source_path: Path, config: dict[str, Any], tmp: Path, opts: Any) -> dict[str, Any]:
@@ -261,19 +246,20 @@ def _build(source_path: Path, config: dict[str, Any], tmp: Path, opts: Any) -> d
         task = bar.add_task(f"loading {source_path.name}", total=None)
 
         def on_layer(layer_id: int) -> None:
-            bar.update(task, description="building layers", total=layers, completed=layer_id + 1)
+            bar.update(task, description="GPTQ and building layers" if opts.calibration else "building layers",
+                       total=layers, completed=layer_id + 1)
 
         def on_stage(stage: str) -> None:  # "save": int4 quantizes the lm_head, then writes everything
             bar.update(task, description="quantizing lm_head, saving" if "int4" in opts.precision else "saving",
                        total=None)
 
-        onnx_builder.build(source_path, tmp, opts, on_stage=on_stage, on_layer=on_layer)
+        built = onnx_builder.build(source_path, tmp, opts, on_stage=on_stage, on_layer=on_layer)
         bar.update(task, description="checking graph", total=1, completed=0)
         proto = onnx.load(str(tmp / onnx_builder.MODEL_FILE), load_external_data=False)
         facts = check_graph(proto, config)
         check_genai_config(artifact.read_genai_config(tmp), config, facts)
         bar.update(task, completed=1)
-    return facts
+    return {**facts, **built}
 
 
 def _params(dtype: str, weights: str, block_size: int, symmetric: bool, device: str, opts: Any,

@@ -22,6 +22,7 @@ output being built plus one layer, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import io
@@ -75,10 +76,31 @@ class StarCoder2GPTQ(GPTQModel):
     weight_name_replacements = ((".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
 
 
+def _neutral_zeros_dropped(matmul: Any) -> Any:
+    """A symmetric GPTQ grid (every zero point 2^(bits-1), which MatMulNBits implies when it has no
+    zero points) without its zero points: ONNX Runtime then runs its symmetric kernels, faster, and
+    clear of the asymmetric int8-activation path that AVX2-only CPUs get wrong at M=1 (ORT #29853)."""
+    import numpy as np
+
+    zeros = getattr(matmul, "qzeros", None)
+    if zeros is None or matmul.bits not in (4, 8):
+        return matmul
+    neutral = 0x88 if matmul.bits == 4 else 0x80  # two 4-bit 8s per byte, or one 8-bit 128
+    values = zeros.numpy() if hasattr(zeros, "numpy") else np.asarray(zeros)
+    if values.dtype != np.uint8 or not (values == neutral).all():
+        return matmul
+    dropped = copy.copy(matmul)
+    dropped.qzeros = None
+    return dropped
+
+
 class StarCoder2Model(genai_builder.Model):
     """The builder's generic decoder with StarCoder2's LayerNorm, MLP and sliding window."""
 
     on_layer: Callable[[int], None] | None = None  # progress callback, set by `build`
+    calibration: tuple[tuple[int, ...], ...] | None = None  # BuildOptions.calibration, set by `build`
+    calibrator: Any = None  # gptq_lite.Calibrator, made once the checkpoint is open (load_weights)
+    _calibrated: dict[str, Any] = {}  # the layer being built: its matrices' GPTQ integers, by builder name
     lm_head_bits: int = 4  # int4 exports: 4, or 8 (`BuildOptions.lm_head == "int8"`), set by `build`
 
     def __init__(self, config, io_dtype, onnx_dtype, ep, cache_dir, extra_options):
@@ -100,10 +122,34 @@ class StarCoder2Model(genai_builder.Model):
     def make_matmul_nbits(self, matmul, basename, root_input, **kwargs):
         # Quantize each weight here, with the same MLAS kernel as the builder's `to_nbits`, instead
         # of serialising the whole fp32 graph for it at the end. Excluded nodes stay float.
-        if hasattr(matmul, "qweight") or basename in self.quant_attrs["nodes_to_exclude"]:
+        if hasattr(matmul, "qweight"):
+            return super().make_matmul_nbits(_neutral_zeros_dropped(matmul), basename, root_input, **kwargs)
+        if basename in self.quant_attrs["nodes_to_exclude"]:
             return super().make_matmul_nbits(matmul, basename, root_input, **kwargs)
+        if self.calibrator is not None and basename != "/lm_head/MatMul":
+            return super().make_matmul_nbits(self._calibrated_matmul(matmul, basename), basename, root_input, **kwargs)
         bits = self.lm_head_bits if basename == "/lm_head/MatMul" else 4
         return super().make_matmul_nbits(self._quantize_now(matmul.weight, bits), basename, root_input, **kwargs)
+
+    # the builder's name for each decoder matrix -> the Hugging Face module (or q/k/v stacked)
+    BUILDER_NAMES = {"qkv_proj": "qkv", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+                     "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+
+    def _calibrated_matmul(self, matmul: Any, basename: str) -> SimpleNamespace:
+        """The layer's GPTQ integers for this MatMul, in MatMulNBits' layout."""
+        import numpy as np
+
+        part = self.BUILDER_NAMES.get(basename.rsplit("/", 2)[-2])
+        if part not in self._calibrated:
+            raise RuntimeError(f"no GPTQ result for {basename}: the builder named a matrix sc2quant does not know")
+        found = self._calibrated[part]
+        n, k = found.q.shape
+        if tuple(matmul.weight.shape) != (n, k):
+            raise RuntimeError(f"GPTQ result for {basename} is {n}x{k}, the builder's matrix {tuple(matmul.weight.shape)}")
+        symmetric = self.quant_attrs["is_symmetric"]
+        dtype = np.float16 if self.io_dtype == genai_builder.ir.DataType.FLOAT16 else np.float32
+        return SimpleNamespace(**found.matmul_nbits(symmetric, dtype), g_idx=None, bits=4, group_size=found.group,
+                               in_features=k, out_features=n)
 
     def to_nbits(self):
         return self.model  # every MatMul that is to be quantized already is (make_matmul_nbits)
@@ -177,6 +223,12 @@ class StarCoder2Model(genai_builder.Model):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         self._reader = TensorReader.of(Path(input_path))
         self._names = {module: name for name, module in skeleton.named_modules()}
+        if self.calibration is not None:
+            from sc2quant.quant.gptq_lite import Calibrator
+
+            self.calibrator = Calibrator(config, self._reader.get("model.embed_tokens.weight"),
+                                         [list(s) for s in self.calibration], 4, self.quant_attrs["matmul_block_size"],
+                                         self.quant_attrs["is_symmetric"])
         return skeleton
 
     def _materialize(self, module: Any) -> None:
@@ -225,7 +277,10 @@ class StarCoder2Model(genai_builder.Model):
 
     def make_layer(self, layer_id, layer):
         self._materialize(layer)
+        if self.calibrator is not None:
+            self._calibrated = self.calibrator.layer(layer, layer_id)
         super().make_layer(layer_id, layer)
+        self._calibrated = {}
         self._release(layer)
         if self.on_layer is not None:
             self.on_layer(layer_id)
@@ -254,6 +309,9 @@ class BuildOptions:
     # int4: tied with the embedding (GatherBlockQuantized); float: tied, stored once; int8: its own
     # MatMulNBits at 8 bits (as llama.cpp keeps its output matrix at 6+ bits), embedding in float.
     lm_head: str = "int4"
+    # int4 of a float checkpoint by GPTQ on these token windows (sc2quant.quant.gptq_lite), layer by
+    # layer as the graph is built; None: round-to-nearest (MLAS, as the builder's own pass)
+    calibration: tuple[tuple[int, ...], ...] | None = None
 
 
 @contextlib.contextmanager
@@ -305,8 +363,9 @@ def build(
     opts: BuildOptions,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_layer: Callable[[int], None] | None = None,
-) -> None:
-    """Write model.onnx (+ external data), genai_config.json and the tokenizer into `out`.
+) -> dict[str, Any]:
+    """Write model.onnx (+ external data), genai_config.json and the tokenizer into `out`; return
+    what the manifest records of the build (GPTQ's calibration, when there was one).
 
     Mirrors the builder's `create_model`, whose architecture switch has no StarCoder2 entry.
     The builder's refusals (an unsupported RoPE scaling, activation, ...) become UserErrors.
@@ -331,12 +390,14 @@ def build(
             onnx_dtype = genai_builder.set_onnx_dtype(opts.precision, extra)
             model = StarCoder2Model(config, io_dtype, onnx_dtype, opts.ep, str(cache_dir), extra)
             model.on_layer = on_layer
+            model.calibration = opts.calibration
             model.lm_head_bits = 8 if opts.lm_head == "int8" else 4
             model.make_model(str(src))
             on_stage("save")
             model.save_model(str(out))
             model.make_genai_config(config, hf_details["extra_kwargs"], str(out))
             model.save_processing(hf_details["hf_name"], hf_details["extra_kwargs"], str(out))
+            return {"calibration": model.calibrator.describe()} if model.calibrator is not None else {}
         except (NotImplementedError, ValueError) as exc:
             raise UserError(f"the ONNX model builder cannot export {src.name}: {exc}") from exc
         except Exception:

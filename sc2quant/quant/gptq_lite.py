@@ -1,9 +1,9 @@
-"""GPTQ in one streaming pass over the decoder layers: the int4 grid of `export onnx --weights int4`.
+"""GPTQ one decoder layer at a time, as the ONNX export builds it: the int4 grid of `export onnx --weights int4`.
 
 A float checkpoint exported to int4 is quantized here with GPTQ's error feedback (Frantar et al.,
-2022) on a few thousand tokens of the calibration text shipped with the package, then handed to
-the export's GPTQ path as a standard GPTQ v1 checkpoint. Round-to-nearest and a data-free
-scale search leave 2-2.5x the KL of this on the embedded model (bench/results).
+2022) on a few thousand tokens of the calibration text shipped with the package; the builder
+writes the integers straight into MatMulNBits (`sc2quant.export.onnx_builder`). Round-to-nearest
+at the same block leaves 4x the KL of this on the embedded model (bench/results).
 
 Hand-written rather than GPTQModel on purpose: GPTQModel's CPU loop took 72 minutes for the 3B
 shape (bench/results/2026-11-30-scale.md), while the export must stay within minutes. The cost
@@ -15,18 +15,13 @@ fp32, its Hessians, the calibration activations and the output being written; ne
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sc2quant.core.hf import read_config, weight_files
-from sc2quant.core.system import return_freed_memory
-from sc2quant.core.tensorfile import ShardedWriter, TensorReader
-from sc2quant.quant.gptq_format import QUANTIZED_LINEARS, grid, pack, quantization_config
+from sc2quant.quant.gptq_format import grid
 
 # Linears that read the same input share one Hessian; q/k/v are solved as one stacked matrix.
 GROUPS = {"attention input": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -128,86 +123,96 @@ class _Hessian:
         self.rows += x.shape[0]
 
 
-def quantize(source: Path, out: Path, samples: list[list[int]], bits: int, group: int, sym: bool,
-             damp: float = 0.01, act_order: bool = True, batch: int = 4,
-             on_layer: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
-    """Write `source` into `out` as a GPTQ v1 checkpoint (config.json included): every decoder
-    Linear by GPTQ on `samples` (token windows no longer than the sliding window; each layer sees the
-    float outputs of the layers before it), every other
-    tensor as it is. Returns what the manifest records (seconds, tokens, per-layer errors)."""
-    from transformers import AutoConfig
-    from transformers.models.starcoder2.modeling_starcoder2 import Starcoder2DecoderLayer, Starcoder2RotaryEmbedding
+@dataclass
+class Quantized:
+    """One matrix [N, K] on its grid: integers [N, K] (uint8), scale and zero point [N, K/group]."""
 
-    started = time.monotonic()
-    return_freed_memory()
-    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    config._attn_implementation = "sdpa"  # causal without a mask: windows fit in the sliding window
-    window = getattr(config, "sliding_window", None)
-    assert all(window is None or len(s) <= window for s in samples), "calibration windows longer than the sliding window"
-    reader = TensorReader(weight_files(source))
-    names = reader.names()
-    layers = int(config.num_hidden_layers)
-    writer = ShardedWriter(out, max_tensors=8 * len(names), max_name=max(map(len, names), default=16) + 48)
-    quantized = {f"model.layers.{i}.{m}" for i in range(layers) for members in GROUPS.values() for m in members}
-    assert {m.rsplit(".", 1)[1] for m in quantized} == set(QUANTIZED_LINEARS)
-    for name in names:  # everything but the decoder Linears, as it is
-        if name.rsplit(".", 1)[0] not in quantized and not (config.tie_word_embeddings and name == "lm_head.weight"):
-            writer.add(name, reader.get(name))
-    ids = torch.tensor(samples, dtype=torch.long)
-    x = torch.nn.functional.embedding(ids, reader.get("model.embed_tokens.weight").float())
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    with torch.no_grad():
-        rope = Starcoder2RotaryEmbedding(config)(x[:1], positions)
-    errors = []
-    with torch.inference_mode():
-        for i in range(layers):
-            prefix = f"model.layers.{i}."
-            with torch.device("meta"):
-                layer = Starcoder2DecoderLayer(config, i)
-            layer.load_state_dict({n[len(prefix):]: reader.get(n).float() for n in names if n.startswith(prefix)},
-                                  assign=True, strict=True)
-            layer.eval()
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group: int
 
-            def run(inputs: torch.Tensor, layer: torch.nn.Module = layer) -> torch.Tensor:
-                return torch.cat([layer(inputs[b:b + batch], position_embeddings=rope, attention_mask=None)
-                                  for b in range(0, inputs.shape[0], batch)])
+    def rows(self, start: int, stop: int) -> Quantized:
+        return Quantized(self.q[start:stop], self.scales[start:stop], self.zeros[start:stop], self.group)
 
-            hooks = {}
-            for key, members in GROUPS.items():
-                first = layer.get_submodule(members[0])
-                hooks[key] = _Hessian(first, hessian_block(first.in_features, group))
-            # One pass: the Hessians, and the float layer's output as the next layer's input. Running the
-            # quantized layer again for that input (GPTQ's reference) cost 4.5 s a layer at 3B and
-            # gained 1 % of KL on the embedded model.
-            x = run(x)
-            for key, members in GROUPS.items():
-                hooks[key].handle.remove()
-                modules = [layer.get_submodule(m) for m in members]
-                stacked = torch.cat([m.weight for m in modules])
-                hess = hooks[key]
-                hess.h /= hess.rows
-                parts = [gptq_matrix(stacked[:, j * hess.block:(j + 1) * hess.block], h, bits, group, sym, damp, act_order)
-                         for j, h in enumerate(hess.h)]
-                q, scales, zeros = (torch.cat(t, dim=1) for t in zip(*parts))
-                dq = dequantize(q, scales, zeros, group)
-                delta = (stacked - dq).float()
-                errors.append({"layer": i, "modules": key, "relative_error": float(delta.norm() / stacked.norm())})
-                start = 0
-                for m, module in zip(members, modules):
-                    rows = module.out_features
-                    for k, v in pack(q[start:start + rows], scales[start:start + rows], zeros[start:start + rows],
-                                     bits, group).items():
-                        writer.add(prefix + m + "." + k, v)
-                    if module.bias is not None:
-                        writer.add(prefix + m + ".bias", module.bias.half())  # GPTQ v1 keeps biases in fp16
-                    start += rows
-                del hooks[key]
-            del layer
-            on_layer(i + 1, layers)
-    files = writer.close()
-    cfg = read_config(source)
-    cfg["quantization_config"] = quantization_config(bits, group, sym, False, "gptq-lite", damp_percent=damp)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return {"seconds": round(time.monotonic() - started, 1), "samples": len(samples), "seqlen": len(samples[0]),
-            "damp": damp, "act_order": act_order, "weight_files": [f.name for f in files],
-            "median_relative_error": sorted(e["relative_error"] for e in errors)[len(errors) // 2]}
+    def matmul_nbits(self, sym: bool, dtype: Any) -> dict[str, Any]:
+        """ONNX Runtime's MatMulNBits tensors (4 bits): packed [N, K/group, group/2] (low nibble
+        first), scales [N, K/group] in `dtype`, zero points [N, ceil(groups/2)] unless symmetric
+        (the 8 MatMulNBits implies without them)."""
+        n, k = self.q.shape
+        g = k // self.group
+        q = self.q.reshape(n, g, self.group)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).numpy()
+        zeros = None
+        if not sym:
+            z = self.zeros.to(torch.uint8)
+            z = torch.nn.functional.pad(z, (0, g % 2))
+            zeros = (z[:, 0::2] | (z[:, 1::2] << 4)).numpy()
+        return {"qweight": packed, "scales": self.scales.numpy().astype(dtype), "qzeros": zeros}
+
+
+class Calibrator:
+    """GPTQ for one decoder layer at a time, as a model is built layer by layer (the ONNX builder).
+
+    Holds the calibration activations entering the next layer ([samples, seqlen, hidden], fp32),
+    the rotary tables and the grid settings. `layer(module)` runs the float layer once over the
+    activations (collecting each distinct input's Hessian and the next layer's input) and returns
+    every Linear of it quantized, under its name ("self_attn.q_proj", ...) and "qkv" for q/k/v stacked.
+    """
+
+    def __init__(self, config: Any, embedding: torch.Tensor, samples: list[list[int]], bits: int, group: int,
+                 sym: bool, damp: float = 0.01, act_order: bool = True, batch: int = 4) -> None:
+        from transformers.models.starcoder2.modeling_starcoder2 import Starcoder2RotaryEmbedding
+
+        window = getattr(config, "sliding_window", None)
+        if window is not None and any(len(s) > window for s in samples):
+            raise ValueError(f"calibration windows longer than the sliding window ({window})")
+        self.bits, self.group, self.sym, self.damp, self.act_order, self.batch = bits, group, sym, damp, act_order, batch
+        ids = torch.tensor(samples, dtype=torch.long)
+        self.x = torch.nn.functional.embedding(ids, embedding.float())
+        with torch.no_grad():
+            self.rope = Starcoder2RotaryEmbedding(config)(self.x[:1], torch.arange(ids.shape[1]).unsqueeze(0))
+        self.errors: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+
+    def layer(self, layer: torch.nn.Module, index: int) -> dict[str, Quantized]:
+        layer.float().eval()
+        for module in layer.modules():  # causal attention without a mask: windows fit in the sliding window
+            if hasattr(module, "config"):
+                module.config._attn_implementation = "sdpa"
+        hooks = {}
+        for key, members in GROUPS.items():
+            first = layer.get_submodule(members[0])
+            hooks[key] = _Hessian(first, hessian_block(first.in_features, self.group))
+        # One pass: the Hessians, and the float layer's output as the next layer's input. Running the
+        # quantized layer again for that input (GPTQ's reference) cost 4.5 s a layer at 3B and
+        # gained 1 % of KL on the embedded model.
+        with torch.inference_mode():
+            self.x = torch.cat([layer(self.x[b:b + self.batch], position_embeddings=self.rope, attention_mask=None)
+                                for b in range(0, self.x.shape[0], self.batch)])
+        out: dict[str, Quantized] = {}
+        for key, members in GROUPS.items():
+            hess = hooks.pop(key)
+            hess.handle.remove()
+            modules = [layer.get_submodule(m) for m in members]
+            stacked = torch.cat([m.weight.detach() for m in modules])
+            hess.h /= hess.rows
+            parts = [gptq_matrix(stacked[:, j * hess.block:(j + 1) * hess.block], h, self.bits, self.group, self.sym,
+                                 self.damp, self.act_order) for j, h in enumerate(hess.h)]
+            whole = Quantized(*(torch.cat(t, dim=1) for t in zip(*parts)), group=self.group)
+            dq = dequantize(whole.q, whole.scales, whole.zeros, self.group)
+            self.errors.append({"layer": index, "modules": key,
+                                "relative_error": float((stacked - dq).norm() / stacked.norm())})
+            start = 0
+            for name, module in zip(members, modules):
+                out[name] = whole.rows(start, start + module.out_features)
+                start += module.out_features
+            if len(members) > 1:
+                out["qkv"] = whole
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        errors = sorted(e["relative_error"] for e in self.errors)
+        return {"seconds": round(time.monotonic() - self.started, 1), "samples": int(self.x.shape[0]),
+                "seqlen": int(self.x.shape[1]), "damp": self.damp, "act_order": self.act_order,
+                "median_relative_error": errors[len(errors) // 2] if errors else None}

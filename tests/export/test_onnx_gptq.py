@@ -36,7 +36,7 @@ def test_gptq_integers_scales_and_zeros_are_carried_exactly(gptq_dir, gptq_expor
     proto = onnx.load(str(gptq_export / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     node = next(n for n in proto.graph.node if n.name == "/model/layers.1/mlp/fc1/MatMulNBits")
-    qweight, scales, zeros = (inits[name] for name in node.input[1:4])
+    qweight, scales = (inits[name] for name in node.input[1:3])
     prefix = "model.layers.1.mlp.c_fc."
     q = unpack_rows(gptq[prefix + "qweight"], 4).numpy()  # [K, N]
     k, n = q.shape
@@ -44,8 +44,30 @@ def test_gptq_integers_scales_and_zeros_are_carried_exactly(gptq_dir, gptq_expor
     groups = gptq[prefix + "scales"].shape[0]
     assert np.array_equal(scales.reshape(n, groups), gptq[prefix + "scales"].float().numpy().T)
     z = unpack_cols(gptq[prefix + "qzeros"], 4).numpy() + 1  # v1 stores zero - 1
-    assert np.array_equal(nibbles(zeros.reshape(n, -1))[:, :groups], z.T)
+    # a symmetric grid (every zero point 8): no zero points, the value MatMulNBits implies without them,
+    # so ONNX Runtime runs its symmetric kernels
+    assert (z == 8).all() and len(node.input) == 3
     assert attrs(node)["block_size"] == 32
+
+
+def test_an_asymmetric_grid_keeps_its_zero_points_exactly(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from sc2quant.quant import QuantizeOptions, quantize
+    from sc2quant.quant.gptq_format import unpack_cols
+
+    src = quantize(QuantizeOptions(model=str(tiny_dir), out=str(tmp_path / "rtn"), method="rtn", bits=4, group_size=32,
+                                   sym=False))
+    out = export_onnx(src, tmp_path / "onnx", lm_head="float")
+    proto = load_proto(out)
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.name == "/model/layers.1/mlp/fc1/MatMulNBits")
+    z = unpack_cols(load_file(str(src / "model.safetensors"))["model.layers.1.mlp.c_fc.qzeros"], 4).numpy() + 1
+    n, groups = z.shape[1], z.shape[0]
+    assert len(node.input) == 4 and not (z == 8).all()
+    assert np.array_equal(nibbles(inits[node.input[3]].reshape(n, -1))[:, :groups], z.T)
 
 
 def test_gptq_graph_keeps_lm_head_float_and_stored_once(gptq_export, gptq_dir):

@@ -39,7 +39,7 @@ def test_the_3b_widths_export_with_fused_windowed_attention(two_layer_3b, tmp_pa
     decoder = genai["decoder"]
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (24, 2, 128)
     name = manifest["params"]["method_name"]
-    assert name == ("onnx-int4-b32-sym-lm8" if "weights" in options else "onnx-fp16")
+    assert name == ("onnx-int4-b128-sym-lm8" if "weights" in options else "onnx-fp16")
     import onnx
     from onnx import numpy_helper
 

@@ -115,6 +115,16 @@ def test_default_output_path(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = export_onnx(tiny_dir, weights="int4")
     assert out == Path("out") / "model-onnx-int4" and (tmp_path / out / "model.onnx").is_file()
+    # the default block (128) steps down to what GPTQ's groups can tile in a hidden size of 64
+    manifest = artifact.read_manifest(tmp_path / out)
+    assert manifest.group_size == 64 and manifest.params["int4_method"] == "gptq"
+    assert sorted(p.name for p in (tmp_path / out).iterdir() if p.name.startswith(".")) == []  # the calibrated checkpoint is gone
+
+
+def test_a_block_that_gptq_cannot_tile_is_kept_with_round_to_nearest(tiny_dir, tmp_path):
+    out = export_onnx(tiny_dir, tmp_path / "rtn", weights="int4", block_size=128, int4_method="rtn")
+    manifest = artifact.read_manifest(out)
+    assert manifest.group_size == 128 and manifest.params["int4_method"] == "rtn" and "calibration" not in manifest.params
 
 
 def test_cli(tiny_dir, tmp_path):
@@ -138,6 +148,11 @@ def test_cli(tiny_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--lm-head", "int8"], "--lm-head does not apply to a float export"),
     (["--weights", "int4", "--lm-head", "int2"], "unknown --lm-head"),
+    (["--int4-method", "rtn"], "--int4-method does not apply to a float export"),
+    (["--weights", "int4", "--int4-method", "awq"], "unknown --int4-method 'awq': choose one of gptq, rtn"),
+    # the tiny model's hidden size is 64: GPTQ's groups cannot be 128 wide, and a chosen block is kept or refused
+    (["--weights", "int4", "--block-size", "128"], "block size 128 does not divide the input features (64 and 256) "
+                                                   "that GPTQ's groups must tile: choose --block-size 64 or --int4-method rtn"),
 ])
 def test_lm_head_option_errors(tiny_dir, tmp_path, args, message):
     from typer.testing import CliRunner
