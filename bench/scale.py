@@ -47,7 +47,7 @@ def methods(model: Path, work: Path, gptq_samples: int, shape: str) -> list[dict
         ("quantize bnb nf4", ["quantize", str(model), "--method", "bnb", "--bits", "4", "--out", str(work / "nf4")],
          work / "nf4", "bnb-nf4"),
         ("export onnx int4", ["export", "onnx", str(model), "--weights", "int4", "--out", str(work / "onnx-int4")],
-         work / "onnx-int4", "onnx-int4-b32-sym"),
+         work / "onnx-int4", "onnx-int4-b128-sym-lm8"),
         ("export onnx int4 from GPTQ-format", ["export", "onnx", str(rtn), "--out", str(work / "onnx-gptq")],
          work / "onnx-gptq", None),
         ("export onnx fp16", ["export", "onnx", str(model), "--dtype", "fp16", "--out", str(work / "onnx-fp16")],
@@ -160,7 +160,8 @@ WHY = {
                                          "beside the MatMulNBits copy being built: the excess is about one "
                                          "layer in fp32, per layer, not the model.",
     "export onnx int4": "the builder holds the int4 graph until ONNX writes it (the output) plus one "
-                        "layer's fp32 weights being quantized and the embedding.",
+                        "layer's fp32 weights being quantized, GPTQ's Hessians of that layer and the "
+                        "calibration activations, and the embedding.",
     "run GPTQ-format": "a GPTQ artifact on the CPU runs in ONNX Runtime: the first run converts it in a child "
                        "process (the export-from-GPTQ row's peak plus the waiting parent), then "
                        "loads the ONNX copy (the run-ONNX row); the larger of the two, against a bound computed "

@@ -77,13 +77,47 @@ def test_results_files_say_the_target_verdict(tmp_path):
     md = results.write(result, tmp_path)
     text = md.read_text()
     spread = r"median, rounds \d+\.\d\d-\d+\.\d\d \(n=3\)"  # "meets" is the median's; the spread is always shown
-    assert re.search(rf"- 300M decode, {re.escape(default)} / Q4_0 = \*\*1\.20x\*\* {spread} \(meets >= 1\.20x\)", text)
+    assert re.search(rf"- 300M decode, {re.escape(default)} / Q4_0 = \*\*1\.20x\*\* {spread} \(misses >= 1\.30x, off by 8%\)",
+                     text)
     assert re.search(rf"- 300M prefill, {re.escape(default)} / Q4_0 = \*\*2\.00x\*\* {spread} \(meets >= 1\.20x\)", text)
     assert f"- 300M disk, {default} / Q4_K_M+imatrix = **1.25x** median (misses <= 1.10x, off by 14%)" in text
     assert "(1.00e-03 vs 4.00e-03) = **0.25x** median (meets <= 0.50x)" in text
     assert md.with_suffix(".png").stat().st_size > 1000
     assert json.loads(md.with_suffix(".json").read_text())["models"]["300m"]["contenders"][REFERENCE]["median"]
     assert not list(tmp_path.glob(".*"))  # no partial files left behind
+
+
+def test_busy_rounds_give_each_contender_the_share_of_its_idle_speed_it_keeps():
+    entry = _entry()
+    entry["contenders"][REFERENCE]["busy_rounds"] = _rounds([(50, 3), (40, 3), (50, 3)])  # llama.cpp keeps 50 % / 30 %
+    entry["contenders"]["ours"]["busy_rounds"] = _rounds([(150, 6), (100, 6), (150, 6)])  # ours 75 % / 50 %
+    entry["contenders"]["ours"]["runtime"] = "sc2quant"
+    summarize(entry, bandwidth=1e9, reference=REFERENCE)
+    ours = entry["contenders"]["ours"]
+    assert ours["busy_kept"]["decode_tokens_per_s"] == pytest.approx(0.5)
+    assert ours["busy_kept"]["prefill_tokens_per_s"] == pytest.approx(0.75)
+    assert results.busy_verdict(entry["contenders"]) == [
+        "- busy machine, 300M decode, ours: keeps **50%** of its idle speed, llama.cpp Q4_0 30% (meets: no more "
+        "slowdown than llama.cpp's)",
+        "- busy machine, 300M prefill, ours: keeps **75%** of its idle speed, llama.cpp Q4_0 50% (meets: no more "
+        "slowdown than llama.cpp's)"]
+    assert "| ours | 150 | 6.00 | 75% | 50% |" in "\n".join(results.busy_table(entry))
+
+
+def test_the_busy_core_is_a_bounded_process_that_is_gone_afterwards():
+    import os
+
+    from bench import run
+
+    def children() -> list[str]:
+        return [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
+                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())]
+
+    before = set(children())
+    with run.busy_core():
+        started = set(children()) - before
+        assert started
+    assert run.BUSY_SECONDS <= 900 and not (set(children()) & started)
 
 
 def test_unknown_model_is_refused(capsys):

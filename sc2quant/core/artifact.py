@@ -115,9 +115,16 @@ def check_out_location(out: Path) -> None:
     """Refuse an --out that cannot be renamed into place: a link to nowhere (the rename would
     replace the link, not write where it points) and a mount point (it cannot be renamed)."""
     out = Path(out).expanduser()
+    too_long = [part for part in out.parts if len(part.encode()) > 255]
+    if too_long or len(os.fsencode(out)) >= 4096:
+        raise UserError("--out is too long for the file system (a name over 255 bytes or a path over 4,095): "
+                        "choose a shorter path")
     if out.is_symlink() and not out.exists():
         raise UserError(f"--out {out} is a link to {os.readlink(out)}, which does not exist: "
                         "remove the link or choose another --out")
+    if out.is_symlink():  # replacing it would replace the link, and leave what it points to where it is
+        raise UserError(f"--out {out} is a link (to {os.readlink(out)}): give the directory it points to, "
+                        "or another --out")
     target = out.resolve()
     cwd = Path.cwd().resolve()
     if out.exists() and os.path.ismount(target) and target != cwd and target not in cwd.parents:  # those: said below

@@ -43,6 +43,7 @@ DEFAULT_LM_HEAD = "int8"
 # round-to-nearest's at block 128 (0.28x at 32); "rtn": round-to-nearest, no data, seconds.
 INT4_METHODS = ("gptq", "rtn")
 DEFAULT_INT4_METHOD = "gptq"
+MIN_CALIB_SEQLEN = 8  # what sc2quant.core.data.calibration_samples takes
 CALIB_TOKENS = 4096  # 8 x 512 (16 x 256 within the embedded model's window): 16 -> 32 windows gained 0.3 % KL
 VERB = "export onnx"
 
@@ -176,6 +177,11 @@ def _check_source(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]
         raise UserError(f"{source.id} is a '{method}' checkpoint: only plain and GPTQ checkpoints can be "
                         "exported to ONNX")
     weight_files(source.path)
+    head = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    if head % 16:
+        raise UserError(f"{source.id}: head size {head} is not a multiple of 16, which ONNX Runtime's "
+                        "GroupQueryAttention needs on the CPU: run this model in torch instead "
+                        "(`sc2quant run MODEL`, or quantize it with --method bnb/rtn)")
     if method == "gptq":
         reason = onnx_refusal(source.path, quant)
         if reason:
@@ -213,10 +219,13 @@ def _gptq_block(block_size: int, config: dict[str, Any], chosen: bool) -> int:
     if divides(block_size):
         return block_size
     fits = [b for b in BLOCK_SIZES if divides(b) and b < block_size]
+    widths = f"the input features ({config['hidden_size']} and {config['intermediate_size']})"
     if chosen or not fits:
-        raise UserError(f"block size {block_size} does not divide the input features ({config['hidden_size']} and "
-                        f"{config['intermediate_size']}) that GPTQ's groups must tile: choose "
-                        + (f"--block-size {max(fits)} or " if fits else "") + "--int4-method rtn")
+        raise UserError(f"{'' if chosen else 'the default '}block size {block_size} does not divide {widths} that "
+                        "GPTQ's groups must tile: " + (f"choose --block-size {max(fits)} or " if fits else "use ")
+                        + "--int4-method rtn")
+    console.print(f"block size {max(fits)}: the default {block_size} does not divide {widths} that GPTQ's groups "
+                  "must tile", highlight=False, markup=False)
     return max(fits)
 
 
@@ -227,6 +236,10 @@ def _calibration(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
 
     window = int(config.get("sliding_window") or config["max_position_embeddings"])
     seqlen = min(512, window, int(config["max_position_embeddings"]))
+    if seqlen < MIN_CALIB_SEQLEN:
+        raise UserError(f"GPTQ's calibration windows must fit the model's {'sliding window' if window == seqlen else 'context'}"
+                        f" of {seqlen} tokens, too short to calibrate (at least {MIN_CALIB_SEQLEN}): "
+                        "use --int4-method rtn")
     windows, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
                                              seqlen, seed=0)
     return {"method": "GPTQ (sc2quant.quant.gptq_lite): static groups in activation order, damp 0.01, each layer on "
@@ -273,8 +286,8 @@ def _params(dtype: str, weights: str, block_size: int, symmetric: bool, device: 
         "execution_provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
         "exporter": "onnxruntime-genai model builder + sc2quant.export.onnx_builder",
         "kv_cache": "full-length, past/present share one buffer",
-        "lm_head": {"int4": "int4, shared with the embedding (GatherBlockQuantized)",
-                    "int8": "int8 (MatMulNBits), shared with the embedding (8-bit GatherBlockQuantized)",
+        "lm_head": {"int4": "int4 by round-to-nearest, shared with the embedding (GatherBlockQuantized)",
+                    "int8": "int8 (MatMulNBits) by round-to-nearest, shared with the embedding (8-bit GatherBlockQuantized)",
                     "float": "float, shared with the embedding"}[opts.lm_head],
         "graph": facts,
         "seconds": round(seconds, 1),

@@ -16,6 +16,7 @@ fp32, its Hessians, the calibration activations and the output being written; ne
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,14 +192,22 @@ class Calibrator:
             self.x = torch.cat([layer(self.x[b:b + self.batch], position_embeddings=self.rope, attention_mask=None)
                                 for b in range(0, self.x.shape[0], self.batch)])
         out: dict[str, Quantized] = {}
+        jobs = {}
+        # Every (matrix, Hessian block) is independent: solved two at a time. GPTQ's column sweep is
+        # a chain of small vector operations that one core runs; two sweeps keep both cores busy.
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            for key, members in GROUPS.items():
+                hess = hooks.pop(key)
+                hess.handle.remove()
+                stacked = torch.cat([layer.get_submodule(m).weight.detach() for m in members])
+                hess.h /= hess.rows
+                jobs[key] = (stacked, [pool.submit(gptq_matrix, stacked[:, j * hess.block:(j + 1) * hess.block], h,
+                                                   self.bits, self.group, self.sym, self.damp, self.act_order)
+                                       for j, h in enumerate(hess.h)])
         for key, members in GROUPS.items():
-            hess = hooks.pop(key)
-            hess.handle.remove()
             modules = [layer.get_submodule(m) for m in members]
-            stacked = torch.cat([m.weight.detach() for m in modules])
-            hess.h /= hess.rows
-            parts = [gptq_matrix(stacked[:, j * hess.block:(j + 1) * hess.block], h, self.bits, self.group, self.sym,
-                                 self.damp, self.act_order) for j, h in enumerate(hess.h)]
+            stacked, futures = jobs.pop(key)
+            parts = [f.result() for f in futures]
             whole = Quantized(*(torch.cat(t, dim=1) for t in zip(*parts)), group=self.group)
             dq = dequantize(whole.q, whole.scales, whole.zeros, self.group)
             self.errors.append({"layer": index, "modules": key,

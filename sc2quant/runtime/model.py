@@ -121,10 +121,12 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     from sc2quant.core.system import check_threads
     from sc2quant.formats import format_of_config, get_format
     from sc2quant.runtime.engines import choose_engine
+    from sc2quant.runtime.engines.onnx_engine import check_switches
 
     if dtype not in COMPUTE_DTYPES:
         raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(COMPUTE_DTYPES)}")
     check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens)
+    check_switches()
     source = resolve_source(path)
     manifest = None
     if artifact.is_artifact(source.path):

@@ -244,3 +244,17 @@ def test_force_replaces_an_output_that_verifies(workdir):
     (out / "sc2quant.json").write_text(json.dumps(data))
     _make(workdir, "art", force=True)
     assert not (out / "sub").exists() and set(artifact.verify(out).files) == {"model.safetensors", "config.json"}
+
+
+def test_an_out_that_is_a_link_or_too_long_is_refused_before_any_work(workdir):
+    """Found by the red team: --force on a link replaced the link (the export it pointed to stayed, and a
+    hidden link was left behind); a name over 255 bytes ended as "a bug"."""
+    target = workdir / "mine"
+    target.mkdir()
+    link = workdir / "link"
+    link.symlink_to(target)
+    with pytest.raises(UserError, match="is a link .*give the directory it points to"):
+        artifact.output_path(str(link), workdir / "default")
+    with pytest.raises(UserError, match="too long for the file system"):
+        artifact.output_path(str(workdir / ("a" * 260)), workdir / "default")
+    assert link.is_symlink() and sorted(p.name for p in workdir.iterdir()) == ["link", "mine"]

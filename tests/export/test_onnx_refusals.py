@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -119,6 +120,24 @@ def test_default_output_path(tiny_dir, tmp_path, monkeypatch):
     manifest = artifact.read_manifest(tmp_path / out)
     assert manifest.group_size == 64 and manifest.params["int4_method"] == "gptq"
     assert sorted(p.name for p in (tmp_path / out).iterdir() if p.name.startswith(".")) == []  # the calibrated checkpoint is gone
+
+
+@pytest.mark.parametrize("shape,message", [
+    # found by the red team: ONNX Runtime's CPU attention refused these at the first `run`, as "a bug"
+    ({"hidden": 96, "heads": 4, "kv_heads": 2}, "head size 24 is not a multiple of 16"),
+    # a window too short for GPTQ's calibration windows: the way out named
+    ({"sliding_window": 4}, "sliding window of 4 tokens, too short to calibrate (at least 8): use --int4-method rtn"),
+])
+def test_shapes_the_export_cannot_serve_are_refused_in_one_line(tmp_path, tokenizer, shape, message):
+    src = make_random_model(tmp_path / "model", tokenizer=tokenizer, **shape)
+    with pytest.raises(UserError, match=re.escape(message)):
+        export_onnx(src, tmp_path / "out" / "onnx", weights="int4")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_lowered_default_block_is_said(tiny_dir, tmp_path, capsys):
+    export_onnx(tiny_dir, tmp_path / "onnx", weights="int4")
+    assert "block size 64: the default 128 does not divide the input features (64 and 256)" in capsys.readouterr().err
 
 
 def test_a_block_that_gptq_cannot_tile_is_kept_with_round_to_nearest(tiny_dir, tmp_path):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import pytest
 import torch
 
@@ -57,33 +56,52 @@ def test_a_dead_input_channel_and_a_singular_hessian_give_finite_integers():
         assert torch.isfinite(gptq_lite.dequantize(q, scales, zeros, 32)).all()
 
 
-def test_the_checkpoint_is_standard_gptq_v1_and_matches_its_integers(embedded_model_dir, tmp_path, tokenizer):
-    from sc2quant.core.data import calibration_samples
+def _layer(model_dir, index: int):
+    from transformers import AutoConfig
+    from transformers.models.starcoder2.modeling_starcoder2 import Starcoder2DecoderLayer
+
     from sc2quant.core.tensorfile import TensorReader
 
+    config = AutoConfig.from_pretrained(model_dir)
+    reader = TensorReader.of(model_dir)
+    prefix = f"model.layers.{index}."
+    layer = Starcoder2DecoderLayer(config, index)
+    layer.load_state_dict({n[len(prefix):]: reader.get(n) for n in reader.names() if n.startswith(prefix)})
+    return config, reader, layer
+
+
+def test_a_layer_is_quantized_whole_and_packed_as_matmul_nbits_reads_it(embedded_model_dir, tokenizer):
+    from sc2quant.core.data import calibration_samples
+
+    config, reader, layer = _layer(embedded_model_dir, 0)
     samples, _ = calibration_samples(tokenizer, "calib_data", 4, 128, seed=0)
-    done = gptq_lite.quantize(embedded_model_dir, tmp_path, samples, 4, 64, True)
-    config = json.loads((tmp_path / "config.json").read_text())
-    qc = config["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", 4, 64, True, False)
-    out, src = TensorReader.of(tmp_path), TensorReader.of(embedded_model_dir)
-    for layer in range(config["num_hidden_layers"]):
-        for name in gptq_format.QUANTIZED_LINEARS:
-            part = "mlp" if name.startswith("c_") else "self_attn"
-            prefix = f"model.layers.{layer}.{part}.{name}"
-            weight = src.get(prefix + ".weight").float()
-            dq = gptq_format.dequantize(out.get(prefix + ".qweight"), out.get(prefix + ".qzeros"),
-                                        out.get(prefix + ".scales"), out.get(prefix + ".g_idx"), 4)
-            assert dq.shape == weight.shape
-            rel = float((dq - weight).norm() / weight.norm())
-            assert 0 < rel < 0.3, (prefix, rel)  # quantized, and still the same matrix
-            assert torch.equal(out.get(prefix + ".bias"), src.get(prefix + ".bias").half())
-    for name in src.names():  # everything else, as it was
-        if ".layers." not in name or "norm" in name:
-            assert torch.equal(out.get(name), src.get(name)), name
-    assert done["samples"] == 4 and done["seqlen"] == 128 and done["act_order"] is True
+    calib = gptq_lite.Calibrator(config, reader.get("model.embed_tokens.weight"), samples, 4, 64, True)
+    before = calib.x.clone()
+    weights = {n: m.weight.detach().float().clone() for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = calib.layer(layer, 0)
+    assert set(out) == {*weights, "qkv"}
+    for name, weight in weights.items():
+        found = out[name]
+        dq = gptq_lite.dequantize(found.q, found.scales, found.zeros, 64)
+        assert dq.shape == weight.shape and 0 < float((dq - weight).norm() / weight.norm()) < 0.3, name
+        packed = found.matmul_nbits(True, np.float32)
+        assert packed["qzeros"] is None and packed["qweight"].shape == (weight.shape[0], weight.shape[1] // 64, 32)
+        nibbles = np.stack([packed["qweight"] & 15, packed["qweight"] >> 4], axis=-1).reshape(weight.shape)
+        assert np.array_equal(nibbles, found.q.numpy())  # low nibble first, as ONNX Runtime reads it
+    assert torch.equal(out["qkv"].q, torch.cat([out[f"self_attn.{p}_proj"].q for p in "qkv"]))
+    assert calib.x.shape == before.shape and not torch.equal(calib.x, before)  # the next layer's input
+    assert calib.describe()["samples"] == 4 and calib.describe()["median_relative_error"] > 0
 
 
-def test_calibration_windows_longer_than_the_sliding_window_are_refused(embedded_model_dir, tmp_path):
-    with pytest.raises(AssertionError, match="sliding window"):
-        gptq_lite.quantize(embedded_model_dir, tmp_path, [[1] * 300], 4, 64, True)
+def test_asymmetric_zero_points_are_packed_in_pairs_low_nibble_first():
+    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
+    zeros = torch.tensor([[1.0, 2.0, 3.0]] * 3)
+    packed = gptq_lite.Quantized(q, torch.ones(3, 3), zeros, 32).matmul_nbits(False, np.float16)
+    assert packed["scales"].dtype == np.float16
+    assert packed["qzeros"].tolist() == [[1 | 2 << 4, 3]] * 3  # three groups: the last byte's high nibble is padding
+
+
+def test_calibration_windows_longer_than_the_sliding_window_are_refused(embedded_model_dir):
+    config, reader, _ = _layer(embedded_model_dir, 0)
+    with pytest.raises(ValueError, match="sliding window"):
+        gptq_lite.Calibrator(config, reader.get("model.embed_tokens.weight"), [[1] * 300], 4, 64, True)

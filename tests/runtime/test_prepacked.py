@@ -209,3 +209,28 @@ def test_a_graph_the_engine_refuses_is_not_kept(artifact_copy, cache):
     with pytest.raises(UserError, match="not this graph"):
         prepacked.session(artifact_copy / "model.onnx", ort.SessionOptions, ["CPUExecutionProvider"], "cpu", refuse)
     assert _entries(cache) == [] and not any((cache / prepacked.KIND).glob(".*"))
+
+
+@pytest.mark.parametrize("value,spinning", [(None, True), ("0", False), (" off ", False), ("on", True)])
+def test_thread_spinning_follows_its_switch_on_built_and_mapped_sessions(value, spinning, artifact_copy, cache,
+                                                                        monkeypatch):
+    """ONNX Runtime's intra-op spinning: on by default (fastest on an idle machine), SC2QUANT_ORT_SPIN=0 for a
+    busy one (bench/results: the share of idle speed kept with one core busy); `describe()` says which."""
+    if value is None:
+        monkeypatch.delenv("SC2QUANT_ORT_SPIN", raising=False)
+    else:
+        monkeypatch.setenv("SC2QUANT_ORT_SPIN", value)
+    for _ in range(2):  # the first load builds the prepacked entry, the second maps it
+        model = load(artifact_copy)
+        assert model.engine.describe()["thread_spinning"] is spinning
+
+
+def test_a_bad_spinning_switch_is_one_line_before_any_work(artifact_copy, cache, monkeypatch, capsys):
+    """Found by the red team: the value was read when the session was made, after a GPTQ conversion, and a
+    "not saving prepacked weights" note came before the error."""
+    from sc2quant.core.errors import UserError
+
+    monkeypatch.setenv("SC2QUANT_ORT_SPIN", "sometimes")
+    with pytest.raises(UserError, match="SC2QUANT_ORT_SPIN='sometimes' is neither on nor off"):
+        load(artifact_copy)
+    assert capsys.readouterr().err == "" and _entries(cache) == []

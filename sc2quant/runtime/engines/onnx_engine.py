@@ -154,6 +154,8 @@ class OnnxEngine:
         return {"engine": self.name, "kind": self.kind, "device": self.device,
                 "dtype": self.dtype,
                 "threads": self.session.get_session_options().intra_op_num_threads or None,
+                "thread_spinning": self.session.get_session_options().get_session_config_entry(
+                    "session.intra_op.allow_spinning") == "1",
                 "providers": self.session.get_providers()}
 
     def end_profiling(self) -> Path | None:
@@ -230,6 +232,12 @@ def _providers(device: str) -> list[str]:
 
 
 SPIN = True  # the default of session.intra_op.allow_spinning (SC2QUANT_ORT_SPIN overrides it)
+
+
+def check_switches() -> None:
+    """The environment switches ONNX sessions read, checked before any work (a bad value: one line)."""
+    env_switch("SC2QUANT_ORT_SPIN", SPIN)
+    prepacked.enabled()
 
 
 def _session_options(threads: int | None, profile_dir: Path | None = None) -> Any:
