@@ -234,12 +234,13 @@ def _calibration(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
     from sc2quant.core.data import calibration_samples
     from sc2quant.core.hf import load_tokenizer
 
-    window = int(config.get("sliding_window") or config["max_position_embeddings"])
-    seqlen = min(512, window, int(config["max_position_embeddings"]))
+    context = int(config["max_position_embeddings"])
+    window = int(config.get("sliding_window") or context)
+    seqlen = min(512, window, context)
     if seqlen < MIN_CALIB_SEQLEN:
-        raise UserError(f"GPTQ's calibration windows must fit the model's {'sliding window' if window == seqlen else 'context'}"
-                        f" of {seqlen} tokens, too short to calibrate (at least {MIN_CALIB_SEQLEN}): "
-                        "use --int4-method rtn")
+        what = "sliding window" if window < context else "context"
+        raise UserError(f"GPTQ's calibration windows must fit the model's {what} of {seqlen} tokens, too short to "
+                        f"calibrate (at least {MIN_CALIB_SEQLEN}): use --int4-method rtn")
     windows, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
                                              seqlen, seed=0)
     return {"method": "GPTQ (sc2quant.quant.gptq_lite): static groups in activation order, damp 0.01, each layer on "
