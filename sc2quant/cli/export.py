@@ -36,8 +36,8 @@ def export_onnx_cmd(
     lm_head: Annotated[Optional[str], typer.Option(
         help="int4: lm_head int8 (default; a tied embedding shares it), int4, or float")] = None,
     int4_method: Annotated[Optional[str], typer.Option(
-        help="int4 of a float model: gptq (default: GPTQ on the shipped calibration text, 0.3x the KL of rtn, "
-             "minutes) or rtn (round-to-nearest, no data, seconds)")] = None,
+        help="int4 of a float model: gptq (default: GPTQ on the shipped calibration text, 0.25x the KL of "
+             "rtn, minutes) or rtn (round-to-nearest, no data, seconds)")] = None,
     device: Annotated[str, typer.Option(help="Execution provider the graph is built for: cpu or cuda.")] = "cpu",
     threads: ThreadsOpt = None,
     out: Annotated[Optional[str], typer.Option(help="Output directory [default: out/<model>-onnx-<dtype|int4>]")]
@@ -52,10 +52,10 @@ def export_onnx_cmd(
     The output runs in onnxruntime and onnxruntime-genai. A GPTQ artifact keeps its int4 weights.
 
     int4 defaults, one choice on every CPU kind measured (AVX512 EPYC, AMX Xeon; bench/results):
-    GPTQ on 4,096 tokens of the shipped calibration text (minutes; KL a quarter of round-to-nearest's),
-    block 128 (prefill 1.26x / decode 1.34x llama.cpp Q4_0 vs 0.87x / 1.12x at block 32), symmetric
-    (ONNX Runtime's asymmetric int8 kernels are wrong on AVX2 at batch 1), lm_head int8 (a quarter of
-    an int4 head's KL), int8 activations in the int4 kernels (accuracy level 4).
+    GPTQ on 4,096 tokens of the shipped calibration text (9 minutes at 3B; KL a quarter of
+    round-to-nearest's), block 128 (decode 1.35x / prefill 1.20x llama.cpp Q4_0 against 0.96x / 0.96x
+    at block 32), symmetric (ONNX Runtime's asymmetric int8 kernels are reported wrong on AVX2 at
+    batch 1), lm_head int8 (a quarter of an int4 head's KL), int8 activations in the int4 kernels.
 
     \b
     Examples:

@@ -31,9 +31,10 @@ DTYPES = ("fp32", "fp16")
 WEIGHTS = ("fp", "int4")
 BLOCK_SIZES = (32, 64, 128)
 DEVICES = ("cpu", "cuda")
-# The int4 defaults, one choice for every CPU kind met (bench/results/*-defaults.md; README "Defaults"):
-# block 128: 1.26x prefill / 1.34x decode of llama.cpp Q4_0 on the 315M model (AVX512 EPYC) against
-# 0.87x / 1.12x at block 32, the same order on the AMX Xeon; its KL cost is what GPTQ wins back.
+# The int4 defaults, one choice for every CPU kind met (bench/results/2026-12-05-x86_64-2cpu-avx512-bf16.md;
+# README "Against the peers"): block 128: 1.35x decode / 1.20x prefill of llama.cpp Q4_0 on the 315M
+# model (AVX512 EPYC) against 0.96x / 0.96x at block 32, the same order on the AMX Xeon (GPTQ g128
+# export 1.45x / 1.13x against RTN b32's 1.20x / 0.84x); its KL cost is what GPTQ wins back.
 DEFAULT_BLOCK = 128
 # lm_head int8: KL to bf16 on the embedded model int4 3.8e-3, int8 9.1e-4 for +22 % of disk; the
 # 315M model's export stays within 1.1x llama.cpp Q4_K_M's size.
