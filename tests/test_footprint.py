@@ -347,8 +347,8 @@ def test_cli_bad_input_exits_2_with_one_line(args: tuple[str, ...], word: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lm_head,name", [("int8", "onnx-int4-b32-sym-lm8"), ("int4", "onnx-int4-b32-sym"),
-                                          ("float", "onnx-int4-b32-sym-lmf")])
+@pytest.mark.parametrize("lm_head,name", [("int8", "onnx-int4-b128-sym-lm8"), ("int4", "onnx-int4-b128-sym"),
+                                          ("float", "onnx-int4-b128-sym-lmf")])
 def test_onnx_int4_rows_count_every_initializer_of_a_real_export(embedded_model_dir, tmp_path, lm_head, name):
     """Whole graphs, byte for byte: the int4 body, the lm_head at its precision, the tied embedding
     (shared with an int4/int8 head, stored once in float), the rotary tables."""

@@ -92,7 +92,10 @@ def test_quantize_peak_is_bounded_by_its_output(medium, tmp_path, method):
     assert peak < dir_bytes(medium)  # the whole model was never in memory
 
 
-@pytest.mark.parametrize("options", [dict(weights="int4"), dict(weights="int4", lm_head="int8"),
+# int4 by round-to-nearest: the builder's streaming alone (GPTQ's calibration adds its working set: activations,
+# one layer's Hessians and their Cholesky factors; measured at the 3B shape by bench/scale.py)
+@pytest.mark.parametrize("options", [dict(weights="int4", int4_method="rtn"),
+                                     dict(weights="int4", lm_head="int8", int4_method="rtn"),
                                      dict(dtype="fp16"), dict(dtype="fp32")], ids=["int4", "int4-lm8", "fp16", "fp32"])
 def test_export_peak_is_bounded_by_its_output(medium, tmp_path, options):
     out = tmp_path / "onnx"

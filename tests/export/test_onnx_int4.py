@@ -27,7 +27,8 @@ def int4_exports(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("int4")
     return {
         "g32": export_onnx(tiny_dir, root / "g32", weights="int4", block_size=32, lm_head="int4"),
-        "g128": export_onnx(tiny_dir, root / "g128", weights="int4", block_size=128, lm_head="int4"),
+        # round-to-nearest: GPTQ's groups cannot tile the tiny model's 64 inputs at 128 (ONNX Runtime pads them)
+        "g128": export_onnx(tiny_dir, root / "g128", weights="int4", block_size=128, lm_head="int4", int4_method="rtn"),
         "g32-asym": export_onnx(tiny_dir, root / "g32-asym", weights="int4", block_size=32, symmetric=False,
                                 lm_head="int4"),
     }

@@ -61,8 +61,11 @@ def test_reused_and_chunked_prefill_give_the_logits_of_a_full_prefill(models):
     again = cached.engine.extend(state, ids[699:])
     # the keys and values of a position depend on its prefix only; what differs is the kernel shape (a
     # one-token matmul against a 700-row one): accumulation order in the compute dtype, within logit_tolerance
+    # (ONNX Runtime's int4 kernels quantize activations to int8 per block, and its one-row and many-row
+    # kernels may round them differently: the engine's own kernel tolerance bounds that)
     dtype = torch.bfloat16 if cached.engine.describe()["dtype"] == "bfloat16" else torch.float32
-    assert float(abs(again - full).max()) <= logit_tolerance(full, dtype)
+    bound = max(logit_tolerance(full, dtype), cached.engine.kernel_tolerance * float(abs(full).max()))
+    assert float(abs(again - full).max()) <= bound
 
 
 def test_the_cache_is_bounded_in_bytes(onnx_int4_artifact):
