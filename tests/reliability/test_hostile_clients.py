@@ -230,8 +230,16 @@ def test_a_signal_at_any_moment_of_start_up_stops_serve_as_documented(embedded_m
 
     rng = random.Random(26)
     trials = [(signal.SIGINT if i % 2 else signal.SIGTERM, rng.uniform(0.25, 6.0)) for i in range(20)]
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda t: _signalled_at(embedded_model_dir, *t), trials))
+    # As from a terminal: a test run started in the background by a non-interactive shell (`make test &`, CI)
+    # ignores SIGINT, the servers would inherit that, and Python keeps an inherited SIGINT ignored until
+    # serve installs its own handler: a Ctrl-C before that was lost (CI: "SIGINT at 0.42 s: exit None").
+    # A handler here (not SIG_IGN) makes each child start with SIGINT at its default, as a shell's job does.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda t: _signalled_at(embedded_model_dir, *t), trials))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     wrong = []
     for (signum, delay), (code, lines) in zip(trials, results):
         expected = 130 if signum == signal.SIGINT else -signal.SIGTERM
