@@ -89,6 +89,9 @@ def eval_documents(paths: list[str | Path] | None = None) -> list[Document]:
     return read_documents(sorted((calib_data_dir() / "eval").glob("*.jsonl")))
 
 
+MIN_SEQLEN = 8  # the shortest calibration window taken
+
+
 def calibration_samples(tokenizer: Any, source: str | list[str] = "calib_data", n_samples: int = 128,
                         seqlen: int = 512, seed: int = 0) -> tuple[list[list[int]], dict[str, Any]]:
     """`n_samples` windows of `seqlen` tokens, deterministic by seed, plus a description for the manifest.
@@ -96,7 +99,7 @@ def calibration_samples(tokenizer: Any, source: str | list[str] = "calib_data", 
     Documents are shuffled by seed, joined with <|endoftext|> into one stream and cut into
     non-overlapping windows, so no calibration token is used twice.
     """
-    if n_samples < 1 or seqlen < 8:
+    if n_samples < 1 or seqlen < MIN_SEQLEN:
         raise UserError(f"calibration needs at least 1 sample of at least 8 tokens (got {n_samples} x {seqlen})")
     paths = [source] if isinstance(source, str) else list(source)
     docs = calib_documents() if paths == ["calib_data"] else read_documents(paths)

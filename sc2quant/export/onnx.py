@@ -44,7 +44,6 @@ DEFAULT_LM_HEAD = "int8"
 # round-to-nearest's at block 128 (0.28x at 32); "rtn": round-to-nearest, no data, seconds.
 INT4_METHODS = ("gptq", "rtn")
 DEFAULT_INT4_METHOD = "gptq"
-MIN_CALIB_SEQLEN = 8  # what sc2quant.core.data.calibration_samples takes
 CALIB_TOKENS = 4096  # 8 x 512 (16 x 256 within the embedded model's window): 16 -> 32 windows gained 0.3 % KL
 VERB = "export onnx"
 
@@ -214,12 +213,11 @@ def _build_options(dtype: str, weights: str, block_size: int, symmetric: bool, d
 def _gptq_block(block_size: int, config: dict[str, Any], chosen: bool) -> int:
     """GPTQ's groups must tile every matrix's input: the default block steps down to the largest that
     does (a toy model's hidden size of 64); a block the user chose is refused with the ways out."""
-    def divides(b: int) -> bool:
-        return config["hidden_size"] % b == 0 and config["intermediate_size"] % b == 0
+    from sc2quant.quant.base import tiles
 
-    if divides(block_size):
+    if tiles(block_size, config):
         return block_size
-    fits = [b for b in BLOCK_SIZES if divides(b) and b < block_size]
+    fits = [b for b in BLOCK_SIZES if tiles(b, config) and b < block_size]
     widths = f"the input features ({config['hidden_size']} and {config['intermediate_size']})"
     if chosen or not fits:
         raise UserError(f"{'' if chosen else 'the default '}block size {block_size} does not divide {widths} that "
@@ -232,16 +230,16 @@ def _gptq_block(block_size: int, config: dict[str, Any], chosen: bool) -> int:
 
 def _calibration(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
     """GPTQ's calibration windows from the shipped text ("windows"), and what the manifest records."""
-    from sc2quant.core.data import calibration_samples
+    from sc2quant.core.data import MIN_SEQLEN, calibration_samples
     from sc2quant.core.hf import load_tokenizer
 
     context = int(config["max_position_embeddings"])
     window = int(config.get("sliding_window") or context)
     seqlen = min(512, window, context)
-    if seqlen < MIN_CALIB_SEQLEN:
+    if seqlen < MIN_SEQLEN:
         what = "sliding window" if window < context else "context"
         raise UserError(f"GPTQ's calibration windows must fit the model's {what} of {seqlen} tokens, too short to "
-                        f"calibrate (at least {MIN_CALIB_SEQLEN}): use --int4-method rtn")
+                        f"calibrate (at least {MIN_SEQLEN}): use --int4-method rtn")
     windows, described = calibration_samples(load_tokenizer(source.path), "calib_data", max(1, CALIB_TOKENS // seqlen),
                                              seqlen, seed=0)
     return {"method": "GPTQ (sc2quant.quant.gptq_lite): static groups in activation order, damp 0.01, each layer on "

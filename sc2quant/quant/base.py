@@ -75,9 +75,14 @@ class Quantizer:
                                                                        "calib_seqlen", "seed")}
 
 
+def tiles(group_size: int, config: dict[str, Any]) -> bool:
+    """Groups of `group_size` input features tile every decoder Linear's input (hidden and intermediate)."""
+    return group_size > 0 and config["hidden_size"] % group_size == 0 and config["intermediate_size"] % group_size == 0
+
+
 def check_group_size(group_size: int, config: dict[str, Any]) -> None:
     """A GPTQ-grid group size must divide every Linear's input features (or be -1: one group per row)."""
     hidden, intermediate = config["hidden_size"], config["intermediate_size"]
-    if group_size != -1 and (group_size <= 0 or hidden % group_size or intermediate % group_size):
+    if group_size != -1 and not tiles(group_size, config):
         raise UserError(f"group size {group_size} does not divide the input features ({hidden} and {intermediate}): "
                         "use a divisor such as 32, 64 or 128, or -1 for one group per row")
