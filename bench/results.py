@@ -117,11 +117,16 @@ def busy_table(entry: dict) -> list[str]:
     rows = [(n, c) for n, c in entry["contenders"].items() if c.get("busy_kept")]
     if not rows:
         return []
-    lines = ["One core busy (a bounded pure-Python loop beside every contender), medians over rounds:", "",
+    lines = ["One core busy (a bounded pure-Python loop beside every contender), medians over rounds (range):", "",
              "| contender | prefill tok/s | decode tok/s | prefill kept | decode kept |", "|---|---|---|---|---|"]
+
+    def cell(c: dict, k: str) -> str:
+        lo, hi, _ = c.get("busy_spread", {}).get(k, (None, None, 0))
+        return _f(c["busy_median"][k]) + (f" ({_f(lo)}-{_f(hi)})" if lo is not None else "")
+
     for name, c in rows:
-        b, kept = c["busy_median"], c["busy_kept"]
-        lines.append(f"| {name} | {_f(b['prefill_tokens_per_s'])} | {_f(b['decode_tokens_per_s'])} | "
+        kept = c["busy_kept"]
+        lines.append(f"| {name} | {cell(c, 'prefill_tokens_per_s')} | {cell(c, 'decode_tokens_per_s')} | "
                      f"{kept['prefill_tokens_per_s']:.0%} | {kept['decode_tokens_per_s']:.0%} |")
     return [*lines, ""]
 

@@ -207,6 +207,8 @@ def summarize(entry: dict, bandwidth: float, reference: str) -> None:
         if c.get("busy_rounds"):  # the share of its idle speed each contender keeps with one core busy
             busy = {k: statistics.median(r[k] for r in c["busy_rounds"]) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
             c["busy_median"] = busy
+            c["busy_spread"] = {k: [min(r[k] for r in c["busy_rounds"]), max(r[k] for r in c["busy_rounds"]),
+                                    len(c["busy_rounds"])] for k in busy}  # min, max, rounds
             c["busy_kept"] = {k: busy[k] / c["median"][k] for k in busy}
     entry["reference"] = reference
     ref = measured.get(reference)

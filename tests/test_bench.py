@@ -101,7 +101,7 @@ def test_busy_rounds_give_each_contender_the_share_of_its_idle_speed_it_keeps():
         "slowdown than llama.cpp's)",
         "- busy machine, 300M prefill, ours: keeps **75%** of its idle speed, llama.cpp Q4_0 50% (meets: no more "
         "slowdown than llama.cpp's)"]
-    assert "| ours | 150 | 6.00 | 75% | 50% |" in "\n".join(results.busy_table(entry))
+    assert "| ours | 150 (100-150) | 6.00 (6.00-6.00) | 75% | 50% |" in "\n".join(results.busy_table(entry))
 
 
 def test_the_busy_core_is_a_bounded_process_that_is_gone_afterwards():
