@@ -139,6 +139,19 @@ def per_round(result: dict, model: str, name: str, key: str) -> list[float]:
     return [r[key] / ref[r["round"]][key] for r in cs[name]["rounds"] if r["round"] in ref]
 
 
+def rss_process(result: dict) -> str:
+    """Which process the peers run measured sc2quant's peak RSS in (runs before bench.run's
+    `measure_contender` recorded none: the full install's, with torch imported)."""
+    c = result["models"]["300m"]["contenders"][DEFAULT_EXPORT]
+    return c["rounds"][0].get("process", "full install")
+
+
+def rss_note(result: dict) -> str:
+    if rss_process(result) == "base install":
+        return "(measured in the base install's process, as an app runs it)"
+    return "(measured in the full install's process, torch imported)"
+
+
 def peers_verdicts() -> list[Verdict]:
     result = load(PEERS)
     big, small = result["models"]["300m"]["contenders"], result["models"]["embedded"]["contenders"]
@@ -153,7 +166,7 @@ def peers_verdicts() -> list[Verdict]:
             out.append(Verdict(f"{label}: {what} ÷ Q4_0", c["ratio_vs_reference"][key], target, True, PEERS,
                                (min(rounds), max(rounds)), (sum(r < target for r in rounds), len(rounds))))
         out.append(Verdict(f"{label}: peak RSS ÷ Q4_0", c["ratio_vs_reference"]["peak_rss_bytes"], targets["rss"],
-                           False, PEERS, note="(measured in the full install's process, torch imported)"))
+                           False, PEERS, note=rss_note(result)))
     c = big[DEFAULT_EXPORT]
     out.append(Verdict("default export: disk ÷ Q4_K_M+imatrix", c["bytes_on_disk"] / big[q4km]["bytes_on_disk"],
                        TARGETS["disk_vs_q4_k_m"], False, PEERS))
@@ -207,9 +220,11 @@ def peers_profile() -> str:
             "pipeline needs fewer bytes per token more than a faster kernel. On the embedded model (it fits in the "
             f"caches) the default decodes at {r2(small['decode_tokens_per_s'])}x Q4_0 and prefills at "
             f"{r2(small['prefill_tokens_per_s'])}x: per-call work of ONNX Runtime that a 6M-parameter model "
-            f"cannot hide. Peak RSS (*) is the measuring process of the full install, with torch imported: it is "
-            f"not what an app using the base install holds (the embed bench below measures that, on another "
-            f"export). Full tables, every round and the profile: {link(PEERS)}.")
+            f"cannot hide. Peak RSS (*) is {rss_note(result)[1:-1]}"
+            + ("" if rss_process(result) == "base install" else ": not what an app using the base install holds (the "
+               "embed bench measures that, on another export; `bench.run` now measures ONNX exports in the base "
+               "install, this run predates it)")
+            + f". Full tables, every round and the profile: {link(PEERS)}.")
 
 
 def peers_spin() -> str:

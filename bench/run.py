@@ -31,7 +31,7 @@ from sc2quant.core.console import console
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import dir_bytes
 from sc2quant.core.system import cpu_caps, tool_versions
-from sc2quant.evaluate.speed import measure_in_child
+from sc2quant.evaluate.speed import measure_in_child, measure_with
 
 MODELS = {  # name -> the checkpoint, built once under the work folder
     "embedded": lambda work: embedded(),
@@ -130,10 +130,27 @@ def speed_rounds(contenders: list[Contender], entry: dict, threads: int, rounds:
                         row = llamacpp.bench_once(c.path, threads, SPEED["prefill"], SPEED["prompt"], SPEED["decode"])
                     else:
                         work = SPEED if c.dtype != "bf16" or native_bf16 else EMULATED_BF16
-                        row = measure_in_child(c.path, device, env=dict(c.env), threads=threads, dtype=c.dtype,
-                                               static_cache=c.static_cache, **work)
+                        row = measure_contender(c, device, threads, work)
                 row["round"] = r
                 entry["contenders"][c.name]["busy_rounds" if loaded else "rounds"].append(row)
+
+
+BASE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-base" / "bin" / "python"
+
+
+def measure_contender(c: Contender, device: str, threads: int, work: dict[str, int]) -> dict[str, Any]:
+    """One sc2quant contender in a fresh process. An ONNX export on the CPU is measured in the base
+    install's interpreter (`make install-base`), as an app runs it: no torch imported, so its peak RSS
+    is what users' processes hold; elsewhere (or without .venv-base, said in the row) the full install's."""
+    onnx = c.path is not None and (Path(c.path) / "model.onnx").is_file() and device == "cpu"
+    if onnx and BASE_PYTHON.is_file():
+        row = measure_with(BASE_PYTHON, c.path, env=dict(c.env), threads=threads, dtype=c.dtype, **work)
+        row["process"] = "base install"
+        return row
+    row = measure_in_child(c.path, device, env=dict(c.env), threads=threads, dtype=c.dtype,
+                           static_cache=c.static_cache, **work)
+    row["process"] = "full install"
+    return row
 
 
 BUSY_SECONDS = 900  # the busy process ends by itself after this, whatever happens to the bench

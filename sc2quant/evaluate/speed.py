@@ -7,14 +7,15 @@ carry this process's memory and threads along). `sc2quant report` and the bench 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from sc2quant.core.errors import UserError
 from sc2quant.core.system import peak_rss_self
@@ -38,7 +39,12 @@ def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL
     engine = model.engine
     prefill = min(prefill, model.context - decode - 1)
     ids = [i * 7919 % (len(model.tokenizer) - 64) + 64 for i in range(max(prefill, prompt or 0))]
-    sync = torch.cuda.synchronize if engine.device == "cuda" else (lambda: None)
+    if engine.device == "cuda":
+        import torch
+
+        sync = torch.cuda.synchronize
+    else:  # no torch on the CPU: an ONNX export measured in the base install imports none
+        sync = lambda: None  # noqa: E731
 
     # warm-up: kernels, allocator, thread pools; on CUDA the timed decode once, so that every
     # static-cache bucket it reaches has its graph captured before the clock runs
@@ -70,6 +76,7 @@ def measure(path: str | Path | None, device: str = "cpu", prefill: int = PREFILL
         "weight_bytes_in_memory": engine.weight_bytes(),
         "peak_rss_bytes": peak_rss_self(),
         "engine": engine.describe(),
+        "torch_imported": "torch" in sys.modules,
     }
 
 
@@ -92,3 +99,21 @@ def measure_in_child(path: str | Path | None, device: str = "cpu", env: dict[str
         raise UserError("the speed measurement's child process died before answering: from a Python script, call "
                         "report() under `if __name__ == \"__main__\":` (the child re-imports the script), or pass "
                         "speed=False") from exc
+
+
+def measure_with(python: str | Path, path: str | Path, env: dict[str, str] | None = None,
+                 **options: Any) -> dict[str, Any]:
+    """`measure` in a new process of another interpreter (the base install's, as an app runs an ONNX
+    export: no torch imported), options as `measure` takes them; its peak RSS is that process's."""
+    out = subprocess.run([str(python), "-m", "sc2quant.evaluate.speed", json.dumps({"path": str(path), **options})],
+                         env={**os.environ, "SC2QUANT_NO_PROGRESS": "1", **(env or {})}, capture_output=True,
+                         text=True, timeout=3600)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the speed measurement in {python} failed: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # measure_with's child: one JSON object of options in, one JSON line out
+    _options = json.loads(sys.argv[1])
+    print(json.dumps(measure(_options.pop("path"), **_options)))
