@@ -68,7 +68,7 @@ class Budget:
 BUDGETS = {"300m": Budget(1536, 512, 32, 4096), "embedded": Budget(384, 126, 32, 1024)}
 SC2QUANT = {  # contender -> `sc2quant serve` options
     "sc2quant serve": [],  # the defaults: prompt cache on, lookup decoding off
-    "sc2quant serve --lookup-tokens 4": ["--lookup-tokens", "4"],
+    # lookup decoding is refused on int4 exports (it would change greedy text: runtime/lookup.py `inexact`)
     "sc2quant serve --prompt-cache-mb 0": ["--prompt-cache-mb", "0"],
 }
 NO_CACHE = "sc2quant serve --prompt-cache-mb 0"

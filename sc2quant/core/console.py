@@ -26,6 +26,8 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 
+from sc2quant.core.errors import UserError
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -47,6 +49,46 @@ class _Results(Console):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141)
 
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc) from None
+
+
+class OutputError(UserError):
+    """stdout cannot be written (closed: `>&-`; a full disk or /dev/full): the user's environment, not a bug
+    (exit 2, one line). A reader that goes away (BrokenPipeError) is not this: it ends quietly, 141."""
+
+    def __init__(self, exc: OSError) -> None:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(f"cannot write the output: {reason} (stdout)")
+
+
+def reserve_stdout() -> None:
+    """With stdout closed (`>&-`) Python sets sys.stdout to None and the next file opened takes descriptor 1,
+    so results would land in it (a log file). Descriptor 1 is held by /dev/null opened read-only instead:
+    writing the results fails with EBADF, which `OutputError` reports; a command that writes none succeeds."""
+    try:
+        os.fstat(1)
+        return
+    except OSError:
+        pass
+    fd = os.open(os.devnull, os.O_RDONLY)
+    if fd != 1:
+        os.dup2(fd, 1)
+        os.close(fd)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115 - lives as stdout
+
+
+def discard_stdout() -> None:
+    """Point descriptor 1 at /dev/null, so that the results still buffered cannot fail a second time at exit."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.close(fd)
+
 
 out = _Results(soft_wrap=True)
 console = Console(stderr=True)
@@ -56,8 +98,13 @@ _state: dict[str, Any] = {"log": None}
 def write_result(text: str) -> None:
     """Raw result text (generated code) on stdout, flushed at once (streaming)."""
     stream = out.file
-    stream.write(text)
-    stream.flush()
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc) from None
 
 
 def progress_enabled() -> bool:
@@ -106,8 +153,16 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
             bar.advance(task)
 
 
+def quiet_onnxruntime() -> None:
+    """ONNX Runtime (1.29+, Linux included) starts its telemetry when it is imported: a device id and an event
+    database under ~/.cache/Microsoft/DeveloperTools/.onnxruntime, and uploads to Microsoft. Off unless the
+    user set ORT_DISABLE_TELEMETRY; it must be set before the import (CLI start, `api_output`, onnx_engine)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def quiet_libraries() -> None:
     """Silence import-time noise from libraries that a user cannot act on."""
+    quiet_onnxruntime()
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -224,7 +279,7 @@ def library_output(verb: str, verbose: bool = False) -> Iterator[Path | None]:
             os.dup2(copy, fd)
             os.close(copy)
         for stream in mine:
-            if stream.fileno is not None and stream not in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None and stream not in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
                 with contextlib.suppress(Exception):
                     if stream.fileno() not in (0, 1, 2):
                         stream.close()
@@ -246,6 +301,7 @@ def api_output(verb: str) -> Iterator[None]:
     speaking JSON-RPC over stdio, say). Library output goes to the log file, as in the CLI, or to
     stderr with SC2QUANT_LIBRARY_OUTPUT=stderr; the caller's logging setup is restored afterwards.
     Inside a CLI verb or another API call (already redirected) it does nothing."""
+    quiet_onnxruntime()
     if _state["log"] is not None or _state.get("api") or _state.get("verbose"):
         yield
         return

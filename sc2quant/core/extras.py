@@ -7,6 +7,8 @@ ImportError's traceback."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from sc2quant.core.errors import UserError
 
 # top-level module -> the extra that installs it
@@ -29,3 +31,14 @@ def missing_extra(exc: ModuleNotFoundError, verb: str = "") -> UserError | None:
     extra = VERB_EXTRAS.get(verb, EXTRAS[top])
     return UserError(f"this needs {top}, which the base install leaves out: pip install 'sc2quant[{extra}]' "
                      "(or `make install` in a checkout, everything)")
+
+
+def absent(*modules: str) -> str | None:
+    """The first of `modules` that is not installed (None: all are), found without importing any."""
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except (ImportError, ValueError):
+            return module
+    return None

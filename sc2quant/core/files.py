@@ -85,7 +85,8 @@ SETTLED_NS = 2_000_000_000  # a file changed this recently may change again with
 def known_sha256(path: Path) -> str:
     """sha256 of `path`, taken from the record of an earlier hash when the file is provably the same file,
     unchanged since (`file_identity`). Otherwise hashed, and recorded in the user cache (`verified/`,
-    trusted only while that folder is this user's and writable by no one else) once the file has
+    trusted only while that folder and the cache root are this user's and writable by no one else:
+    whoever can write the root can put another folder in its place; both made 0700) once the file has
     been still for two seconds (a write within the timestamps' granularity would go unseen).
     Loading a 4.6 GB artifact otherwise hashes it on every load. What the identity cannot see: writes
     through a memory map whose pages were already written move no time; SC2QUANT_VERIFY=full hashes
@@ -99,7 +100,7 @@ def known_sha256(path: Path) -> str:
     folder = cache_base() / "verified"
     record = folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
     try:
-        if _private(folder):
+        if _private(folder) and _private(folder.parent):
             known = json.loads(record.read_text())
             if known["stat"] == ident and isinstance(known["sha256"], str):
                 return known["sha256"]
@@ -109,7 +110,8 @@ def known_sha256(path: Path) -> str:
     if now - max(ident[3], ident[4]) > SETTLED_NS:
         part = record.with_name(f".{record.name}.{os.getpid()}")
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
             part.write_text(json.dumps({"stat": ident, "sha256": digest, "path": str(path)}))
             part.replace(record)
         except OSError:  # a read-only cache: hashed again next time

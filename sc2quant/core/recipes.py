@@ -2,8 +2,8 @@
 line override recipe values, which override the defaults.
 
 A recipe is a flat mapping of option names (as in the CLI, `-` or `_`) to values, plus an
-optional `description`. Unknown keys, wrong value types and empty recipes are errors, not
-silently ignored.
+optional `description`. Unknown keys, keys set twice, wrong value types and empty recipes are
+errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -57,6 +57,29 @@ MAX_RECIPE_BYTES = 1 << 20  # recipes are a few lines
 MAX_RECIPE_DEPTH = 16  # a flat mapping whose values may be lists
 
 
+class _Twice(Exception):
+    """A mapping sets one key twice (as written, or as `group-size` and `group_size`)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key set twice in a mapping (YAML forbids it; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, tuple[str, int]] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: refused later as an unknown key
+            written, line = key_node.value, key_node.start_mark.line + 1
+            name = str(self.construct_object(key_node)).replace("-", "_")
+            if name in seen:
+                first, at = seen[name]
+                what = f"'{written}' is set twice" if first == written else \
+                    f"'{first}' and '{written}' set the same option"
+                raise _Twice(f"{what} (lines {at} and {line}): keep one")
+            seen[name] = (written, line)
+        return super().construct_mapping(node, deep)
+
+
 def _parse(path: Path) -> Any:
     """A recipe's YAML, refusing what no recipe needs and a parser would choke on: anchors and aliases
     (a 500-byte "billion laughs" expands to gigabytes), deep nesting, huge or non-regular files."""
@@ -84,7 +107,9 @@ def _parse(path: Path) -> Any:
                                     "write a flat mapping of option: value")
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader
+    except _Twice as exc:
+        raise UserError(f"recipe {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
     except RecursionError:

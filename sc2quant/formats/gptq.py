@@ -68,7 +68,10 @@ class GptqFormat(Format, kind="gptq"):
                         "has no sc2quant.json, or verify=False / --no-verify was given)")
             if dtype not in ("auto", "fp32"):
                 return f"its conversion to ONNX Runtime computes in fp32, and --dtype {dtype} was asked for"
-            return onnx_refusal(path, config.get("quantization_config") or {})
+            quant = config.get("quantization_config") or {}
+            if _grid_refusal(quant) is None:
+                check_conversion_installed(path)
+            return onnx_refusal(path, quant)
         return super().runs_in(engine, device, path, config, verified, dtype)
 
     def load_context(self, quant: dict[str, Any] | None) -> Any:
@@ -93,9 +96,35 @@ class GptqFormat(Format, kind="gptq"):
         return gptq_row(shape, m.bits or 4, m.group or 128)
 
 
+CONVERSION_NEEDS = ("torch", "transformers", "safetensors", "onnx")  # what `sc2quant.runtime.convert` imports
+
+
+def check_conversion_installed(path: Path) -> None:
+    """The base install (no torch) cannot convert a GPTQ checkpoint for ONNX Runtime: say what it needs, in one
+    line, before anything is tried (else: "this needs safetensors", the first import that failed)."""
+    from sc2quant.core.extras import EXTRAS, absent
+
+    if (module := absent(*CONVERSION_NEEDS)) is not None:
+        what = "torch" if module == "torch" else f"torch and {module}"
+        raise UserError(f"{path.name} is a GPTQ checkpoint, which runs in ONNX Runtime once converted, and converting "
+                        f"it needs {what}, which the base install leaves out: pip install "
+                        f"'sc2quant[{EXTRAS[module]}]' (it is converted once, then cached), or export it to ONNX "
+                        f"with the full install (`sc2quant export onnx {path}`) and run the export")
+
+
 def onnx_refusal(path: Path, quant: dict[str, Any]) -> str | None:
     """Why ONNX Runtime's MatMulNBits cannot run GPTQ checkpoint `path` (None: it can, losslessly).
     It needs GPTQ v1, 4 bits, a supported group size, groups in input order, a float lm_head."""
+    if (reason := _grid_refusal(quant)) is not None:
+        return reason
+    reordered = reordered_g_idx(path, int(quant["group_size"]))
+    if reordered:
+        return f"its {reordered} reorders input channels (act-order), which MatMulNBits on the CPU cannot run"
+    return None
+
+
+def _grid_refusal(quant: dict[str, Any]) -> str | None:
+    """`onnx_refusal`'s checks of the quantization config alone (the weights are not read)."""
     if quant.get("bits") != 4:
         return f"it has {quant.get('bits')}-bit weights and ONNX Runtime's MatMulNBits takes 4-bit GPTQ only"
     if quant.get("checkpoint_format", "gptq") != "gptq":
@@ -108,9 +137,6 @@ def onnx_refusal(path: Path, quant: dict[str, Any]) -> str | None:
     if quant.get("group_size") not in ONNX_GPTQ_BLOCKS:
         return (f"it has group size {quant.get('group_size')} and MatMulNBits needs a block of "
                 f"{', '.join(map(str, ONNX_GPTQ_BLOCKS))}")
-    reordered = reordered_g_idx(path, int(quant["group_size"]))
-    if reordered:
-        return f"its {reordered} reorders input channels (act-order), which MatMulNBits on the CPU cannot run"
     return None
 
 

@@ -2,7 +2,12 @@
 one folder per kind of entry (GPTQ artifacts converted to ONNX: runtime/convert.py; ONNX Runtime's
 prepacked weights: runtime/prepacked.py; records of verified checksums: core/files.py) and a
 `locks` folder beside them, so that concurrent first
-uses build an entry once. A read-only home falls back to a private temporary folder."""
+uses build an entry once. A read-only home falls back to a private temporary folder.
+
+What is cached runs (a graph, weights), so an entry is used only from folders no one else can write
+(`shared`: the entry, its kind's folder and the cache root, each this user's and not group- or
+world-writable; the folders made here are made 0700), and each entry records the checksums of the
+artifact it was made from and of its own files, checked at every load (prepacked.py, convert.py)."""
 
 from __future__ import annotations
 
@@ -24,35 +29,68 @@ def cache_root(kind: str = "converted") -> Path:
 
 
 def writable_cache_root(kind: str = "converted", fix: str = "or run with --engine torch") -> Path:
-    """`cache_root(kind)`, created; when it cannot be written (a read-only $HOME) and SC2QUANT_CACHE was
-    not given, a private folder under the system's temporary directory, said once on stderr; else
-    UserError naming SC2QUANT_CACHE and `fix`."""
-    from sc2quant.core.console import console
-
+    """`cache_root(kind)`, created; when it cannot be written (a read-only $HOME) or others can write it
+    (`shared`) and SC2QUANT_CACHE was not given, a private folder under the system's temporary
+    directory, said once on stderr; else UserError naming SC2QUANT_CACHE and `fix`."""
     root = cache_root(kind)
     problem = _unwritable(root)
-    if problem is None:
+    if problem is None and (problem := shared(root.parent, root)) is None:
         return root
+    want = "a writable directory" if "other users" not in problem else f"{PRIVATE} (or `chmod go-w` it)"
+    refusal = f"cannot use the cache {root} ({problem}): set SC2QUANT_CACHE to {want}, {fix}"
     if os.environ.get("SC2QUANT_CACHE"):
-        raise UserError(f"cannot write the cache {root} ({problem}): set SC2QUANT_CACHE to a writable directory, {fix}")
+        raise UserError(refusal)
     fallback = Path(tempfile.gettempdir()) / f"sc2quant-{os.getuid()}" / kind
-    if _unwritable(fallback, private=True) is not None:
-        raise UserError(f"cannot write the cache {root} ({problem}): set SC2QUANT_CACHE to a writable directory, {fix}")
-    console.print(f"the cache {root} is not writable ({problem}): using {fallback} "
-                  "(set SC2QUANT_CACHE to keep what is cached)", highlight=False, markup=False)
+    if _unwritable(fallback, private=True) is not None or shared(fallback) is not None:
+        raise UserError(refusal)
+    note(f"the cache {root} cannot be used ({problem}): using {fallback} (set SC2QUANT_CACHE to keep what is cached)")
     return fallback
 
 
+PRIVATE = "a directory of yours that no one else can write"
+
+
+def shared(*folders: Path) -> str | None:
+    """Why what is in `folders` (cache folders: an entry, its kind's folder, the cache root) must not be
+    trusted: one of them belongs to another user or others can write to it (group or world), so
+    someone else could have put, changed or swapped what is there. None: trusted. A folder not there
+    yet is skipped (this process makes it, private)."""
+    for folder in folders:
+        try:
+            info = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            return f"cannot read {folder} ({exc.strerror})"
+        if info.st_uid != os.getuid():
+            return f"{folder} belongs to another user (other users can write what is in it)"
+        if info.st_mode & 0o022:
+            return f"other users can write to {folder}"
+    return None
+
+
+def note(text: str) -> None:
+    """One line on stderr, however long `text` is or whatever line breaks it holds (an OS error's)."""
+    from sc2quant.core.console import console
+
+    console.print(one_line(text), highlight=False, markup=False, soft_wrap=True)
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _unwritable(root: Path, private: bool = False) -> str | None:
-    """Why `root` cannot hold cache entries (None: it can). private: created 0700, and refused unless
-    it is a real directory of this user (a shared temporary directory)."""
+    """Why `root` cannot hold cache entries (None: it can); the folders it makes are made 0700. private:
+    refused unless its parent is a real directory of this user (a shared temporary directory)."""
     try:
         if private:
             root.parent.mkdir(mode=0o700, exist_ok=True)
             info = os.lstat(root.parent)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
                 return f"{root.parent} is not a private directory of this user"
-        root.mkdir(parents=True, exist_ok=True)
+        root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
         if not os.access(root, os.W_OK | os.X_OK):
             return "permission denied"
         probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115 - closed at once
@@ -67,18 +105,16 @@ def entry_lock(entry: Path, holder: str) -> Iterator[None]:
     """Hold an exclusive lock for cache entry `entry` (a file in the cache's `locks` folder, beside the
     entries' folders), waiting for `holder`, another process building the same entry; released
     when the process ends, however it ends."""
-    from sc2quant.core.console import console
-
     locks = entry.parent.parent / "locks"  # beside the cache, not in it: the cache holds only entries
     try:
-        locks.mkdir(exist_ok=True)
+        locks.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {locks} ({exc.strerror}): set SC2QUANT_CACHE to a writable directory") from exc
     with open(locks / f"{entry.name}.lock", "a+b") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"waiting for {holder}", highlight=False, markup=False)
+            note(f"waiting for {holder}")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

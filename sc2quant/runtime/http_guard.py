@@ -30,6 +30,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sc2quant.core.errors import UserError
 
 Scope = dict[str, Any]
+# what a body that cannot be parsed gets (the JSON parser's own errors are answered by the app: "not valid JSON")
+NOT_UTF8_JSON = "request body is not valid UTF-8 JSON (or nests deeper, or holds a longer number, than a request can)"
 
 
 class ApiBody(BaseModel):
@@ -38,12 +40,17 @@ class ApiBody(BaseModel):
     meaning), booleans declared strict where they are (`StrictBool`)."""
 
     model_config = ConfigDict(extra="ignore")
+    # fields other servers apply that this one does not: refused unless absent, null or their neutral value
+    not_applied: typing.ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        for name, neutral in cls.not_applied.items():
+            if data.get(name) is not None and data[name] not in neutral:
+                raise ValueError(f"{name} is not applied by this server: drop it (or send {neutral[0]})")
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or type(None) in typing.get_args(cls.model_fields[k].annotation)}
 
@@ -121,7 +128,8 @@ def json_error(status: int, message: str, kind: str = "invalid_request_error", c
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
-async def refuse(send: Any, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
+async def refuse(send: Any, status: int, message: str, code: str | None,
+                 kind: str = "invalid_request_error") -> None:
     body = json_error(status, message, kind, code)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -159,6 +167,9 @@ class BodyGuard:
                 return
             if not message.get("more_body", False):
                 break
+        if not _utf8(body):  # Python's json reads UTF-16 and UTF-32 too (by their BOM or NULs): every other is refused
+            await refuse(send, 400, NOT_UTF8_JSON, None)
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -173,6 +184,13 @@ class BodyGuard:
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, replay, send)
 
+
+def _utf8(body: bytearray) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class ApiKeyGuard:

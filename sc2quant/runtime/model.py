@@ -23,7 +23,7 @@ from sc2quant.core.errors import UserError
 from sc2quant.core.tokenizer import check_utf8, encode_pieces
 from sc2quant.core.tokens import STOP_TOKENS, fim_pieces
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
-from sc2quant.runtime.lookup import Drafter, trusted, verify
+from sc2quant.runtime.lookup import Drafter, inexact, trusted, verify
 from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, PrefixCache, extendable, prefill
 from sc2quant.runtime.stops import StopFilter
 
@@ -144,11 +144,22 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
         from sc2quant.runtime.convert import converted_onnx
 
         run_path, kind = converted_onnx(source.path, manifest), "onnx"
+    if lookup_tokens:  # refused before a conversion or a first load's packing where the engine says why already
+        check_lookup({"engine": chosen}, manifest)
     check_threads(threads)  # the engine applies them (torch's for the process, ONNX Runtime's per session)
     opened = open_engine(chosen, kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
                                                                profile_dir=profile_dir, static_cache=static_cache))
     return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,
                  lookup_tokens=lookup_tokens)
+
+
+def check_lookup(engine: dict[str, Any], manifest: artifact.Manifest | None) -> None:
+    """Lookup decoding only where it keeps plain greedy text (runtime/lookup.py `inexact`)."""
+    why = inexact(engine, manifest.bits if manifest else None)
+    if why:
+        raise UserError(f"lookup decoding would change greedy text on this model: {why}, so a forward of several "
+                        "tokens does not round like one-token steps; give --lookup-tokens 0 (lookup_tokens=0), "
+                        "or use an fp32 export or --dtype fp32")
 
 
 def check_reuse(prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFAULT_CHUNK,
@@ -232,6 +243,8 @@ class Model:
                           highlight=False, markup=False)
         self.prefill_chunk = prefill_chunk
         self.lookup_tokens = lookup_tokens if extendable(engine) else 0  # runtime/lookup.py
+        if self.lookup_tokens:
+            check_lookup(engine.describe(), manifest)
         self.path = path
         self.manifest = manifest
         self.tokenizer = engine.tokenizer
@@ -356,7 +369,8 @@ class Model:
             raise
         finally:
             if completed and kv_ids is not None and self.prefix_cache is not None:
-                self.prefix_cache.put(kv_ids, state, self.engine.state_bytes(state))
+                self.engine.park(state)  # type: ignore[attr-defined]
+                self.prefix_cache.put(kv_ids, state, self.engine.state_bytes(state))  # type: ignore[attr-defined]
 
     def _speculate(self, state: Any, token: int, draft: list[int], drafter: Drafter) -> tuple[list[int], np.ndarray]:
         """Run `token` and a lookup draft in one forward; the draft tokens greedy decoding picks

@@ -49,6 +49,11 @@ class Extendable(Protocol):
         ...
 
     def state_bytes(self, state: Any) -> int:
+        """Every byte the state holds (buffers, storage under views): what the cache's limit counts."""
+        ...
+
+    def park(self, state: Any) -> None:
+        """Drop buffers a kept state does not need (outputs), before it is counted and kept."""
         ...
 
     def min_state_bytes(self) -> int:

@@ -11,13 +11,19 @@ checksums and files (sizes, modification times), ORT's version and the CPU (mode
 instruction set). Entries live in the user cache (`prepacked/<artifact>-<key>`, runtime/cache.py),
 are built by the first load under a lock (a second process waits, then maps the result), written
 in a staging folder marked as artifacts' are (`artifact.clean_stale_tmp` sweeps a killed build's)
-and renamed into place, and carry a small manifest of their files' sizes and
-times, checked on every load (hashing half a gigabyte on each load would cost what the entry
-saves); a changed or partial entry is built again. One entry per artifact folder: building a new
-one removes the entries an earlier version of the same folder left.
+and renamed into place, and carry a small manifest (`prepacked.json`): the checksums of the
+artifact they were made from (its manifest's, which the load verified), ORT's version and CPU they
+were made for, and the sha256 and size of their own files. Every load checks all of it, an entry's
+files through the unchanged-file records artifacts are verified with (`files.known_sha256`: hashed
+once, not again while provably unchanged; hashing half a gigabyte on each load would cost what the
+entry saves). An entry of another artifact (entry folders swapped or renamed: a rename keeps every
+identity stamp), a changed or partial one, or one others could write is built again, said in one
+line. One entry per artifact folder: building a new one removes the entries an earlier version of
+the same folder left.
 
 Skipped, with a plain session, on CUDA, for graphs without a manifest, where the cache cannot be
-written or the disk has not room for about three times the weights, and with SC2QUANT_PREPACKED=0.
+written or others can write to it (`cache.shared`: said in one line), where the disk has not room
+for about three times the weights, and with SC2QUANT_PREPACKED=0.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from typing import Any
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
-from sc2quant.core.files import file_identity
+from sc2quant.core.files import known_sha256, sha256_file
 from sc2quant.core.system import env_switch
+from sc2quant.runtime.cache import note, shared
 
 KIND = "prepacked"  # the cache's folder of these entries
 GRAPH = "model.opt.onnx"
@@ -67,25 +74,30 @@ def _session(model_file: Path, options: Callable[[], Any], providers: list[str],
     import onnxruntime as ort
 
     folder = model_file.parent
-    key = _key(folder) if device == "cpu" and enabled() else None
-    if key is None:
+    keyed = _key(folder) if device == "cpu" and enabled() else None
+    if keyed is None:
         return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
-    from sc2quant.runtime.cache import cache_root, entry_lock, writable_cache_root
+    key, made_from = keyed
+    from sc2quant.runtime.cache import PRIVATE, cache_root, entry_lock, writable_cache_root
 
     try:
         entry = cache_root(KIND) / f"{folder.name}-{key[:16]}"
-        if (mapped := _open(entry, options, providers)) is not None:
+        if (problem := shared(entry.parent.parent, entry.parent)) is not None:  # nothing there is used or touched
+            note(f"not using the prepacked weights in the cache ({problem}): `chmod go-w` it, or set SC2QUANT_CACHE "
+                 f"to {PRIVATE}")
+            return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
+        mapped, said = _open(entry, made_from, options, providers)
+        if mapped is not None:
             return _checked(mapped, check)
         entry = writable_cache_root(KIND, fix="or set SC2QUANT_PREPACKED=0") / entry.name
         with entry_lock(entry, f"another sc2quant process preparing {folder.name}'s weights for this CPU"):
-            if (mapped := _open(entry, options, providers)) is not None:  # built by the process we waited for
+            mapped, again = _open(entry, made_from, options, providers)
+            if mapped is not None:  # built by the process we waited for
                 return _checked(mapped, check)
-            return _build(model_file, entry, options, providers, check)
+            return _build(model_file, entry, made_from, options, providers, check, quiet=said or again)
     except (UserError, OSError) as exc:  # no cache to use: this load runs as it would without one
-        from sc2quant.core.console import console
-
         reason = str(exc) if isinstance(exc, UserError) else f"{exc.strerror or exc}: {getattr(exc, 'filename', '')}"
-        console.print(f"not saving prepacked weights ({reason})", highlight=False, markup=False)
+        note(f"not saving prepacked weights ({reason})")
         return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
 
 
@@ -102,8 +114,9 @@ def enabled() -> bool:
     return env_switch("SC2QUANT_PREPACKED", True)
 
 
-def _key(folder: Path) -> str | None:
-    """What the packed weights depend on: the artifact's files and checksums, ORT, the CPU."""
+def _key(folder: Path) -> tuple[str, dict[str, str]] | None:
+    """What the packed weights depend on (the artifact's files and checksums, ORT, the CPU), hashed,
+    and the artifact's checksums (name -> sha256, from its manifest: what its entry must record)."""
     import onnxruntime as ort
 
     try:
@@ -112,7 +125,8 @@ def _key(folder: Path) -> str | None:
         return None
     stats = {name: _stat(folder / name) for name in sorted(manifest.files)}
     parts = [manifest.files, stats, ort.__version__, _cpu()]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return key, {name: entry["sha256"] for name, entry in manifest.files.items()}
 
 
 def _stat(path: Path) -> list[int] | None:
@@ -122,15 +136,6 @@ def _stat(path: Path) -> list[int] | None:
     except OSError:
         return None
     return [info.st_size, info.st_mtime_ns]
-
-
-def _identity(path: Path) -> list[int] | None:
-    """The entry's own files: `file_identity` (an edited file with its times set back is caught by its
-    change time)."""
-    try:
-        return file_identity(path)
-    except OSError:
-        return None
 
 
 @functools.cache
@@ -145,31 +150,60 @@ def _cpu() -> str:
     return " ".join([platform.machine(), *(fields[k].strip() for k in keys if k in fields)])
 
 
-def _open(entry: Path, options: Callable[[], Any], providers: list[str]) -> Any:
-    """A session mapped from cache entry `entry` if it is whole (None otherwise; a damaged one is removed)."""
+def _open(entry: Path, made_from: dict[str, str], options: Callable[[], Any],
+          providers: list[str]) -> tuple[Any, bool]:
+    """A session mapped from cache entry `entry` if it is whole and made from the artifact whose
+    checksums are `made_from` (else None; an entry there that is not is removed, said in one line),
+    and whether that was said."""
     import onnxruntime as ort
 
     if not entry.is_dir():
-        return None
-    try:
-        recorded = json.loads((entry / MANIFEST).read_text())["files"]
-        whole = recorded.keys() == {GRAPH, DATA} and all(_identity(entry / name) == recorded[name] for name in recorded)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        whole = False
-    if whole:
+        return None, False
+    problem = _mismatch(entry, made_from)
+    if problem is None:
         saved = options()
         saved.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized when it was saved
         try:
-            return ort.InferenceSession(str(entry / GRAPH), saved, providers=providers)
-        except Exception:  # noqa: BLE001 - ORT's own exception types: a damaged entry is built again
-            pass
-    shutil.rmtree(entry, ignore_errors=True)  # our own cache entry, changed or partial
+            return ort.InferenceSession(str(entry / GRAPH), saved, providers=providers), False
+        except Exception as exc:  # noqa: BLE001 - ORT's own exception types: a damaged entry is built again
+            problem = f"cannot be loaded ({str(exc).strip()[-200:] or type(exc).__name__})"
+    note(f"prepacked weights in {entry} {problem}: rebuilding")
+    shutil.rmtree(entry, ignore_errors=True)  # our own cache entry (its folders are checked private)
+    return None, True
+
+
+def _mismatch(entry: Path, made_from: dict[str, str]) -> str | None:
+    """What is wrong with cache entry `entry` (None: nothing): a folder others can write, no record, a
+    record of another artifact, ORT or CPU, or files that do not match their recorded checksums (taken
+    from the unchanged-file records: hashed only when changed since they were last hashed)."""
+    if (problem := shared(entry)) is not None:
+        return f"are in a folder others can write ({problem})"
+    try:
+        record = json.loads((entry / MANIFEST).read_text())
+        built, files = record["artifact"], record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "have no readable record of what they are (damaged, or saved by an earlier sc2quant)"
+    if built != made_from:
+        return "were made from another artifact"
+    if any(record.get(k) != v for k, v in _made_for().items()):
+        return "were made for another CPU or ONNX Runtime"
+    if not isinstance(files, dict) or files.keys() != {GRAPH, DATA}:
+        return "are incomplete"
+    for name, want in files.items():
+        try:
+            same = (isinstance(want, dict) and (entry / name).stat().st_size == want["bytes"]
+                    and known_sha256(entry / name) == want["sha256"])
+        except (OSError, UserError, KeyError):
+            same = False
+        if not same:
+            return f"do not match their checksums ({name} changed or missing)"
     return None
 
 
-def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers: list[str],
-           check: Callable[[Any], None]) -> Any:
-    """A session of `model_file` that also writes its optimized graph with the packed weights to `entry`."""
+def _build(model_file: Path, entry: Path, made_from: dict[str, str], options: Callable[[], Any],
+           providers: list[str], check: Callable[[Any], None], quiet: bool = False) -> Any:
+    """A session of `model_file` that also writes its optimized graph with the packed weights to `entry`,
+    recorded as made from the artifact whose checksums are `made_from`. quiet: the rebuild was said."""
     import onnxruntime as ort
 
     weights = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.is_file())
@@ -178,8 +212,6 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
         raise UserError(f"{free / 2**30:.1f} GiB free in {entry.parent}, about {ROOM_FACTOR * weights / 2**30:.1f} "
                         "wanted: free some space or set SC2QUANT_CACHE elsewhere")
     _drop_older(entry, model_file.parent)
-    from sc2quant.core.console import console
-
     # staged as every artifact is (artifact.staging's marked folder): a build killed midway leaves a folder
     # marked with its dead pid, which the next build here removes
     artifact.clean_stale_tmp(entry.parent)
@@ -195,35 +227,40 @@ def _build(model_file: Path, entry: Path, options: Callable[[], Any], providers:
             made = ort.InferenceSession(str(model_file), saving, providers=providers)
         except Exception as exc:  # noqa: BLE001 - saving failed (a full disk, an ORT without the option): run without it
             reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-            console.print(f"not saving prepacked weights (ONNX Runtime could not write them: {reason})",
-                          highlight=False, markup=False)
+            note(f"not saving prepacked weights (ONNX Runtime could not write them: {reason})")
             return _checked(ort.InferenceSession(str(model_file), options(), providers=providers), check)
         _checked(made, check)  # a graph the caller refuses: nothing kept (the staging folder goes below)
         if not all((staging / name).is_file() for name in (GRAPH, DATA)):
-            console.print(f"not saving prepacked weights (ONNX Runtime wrote no weights file in {staging.parent})",
-                          highlight=False, markup=False)
+            note(f"not saving prepacked weights (ONNX Runtime wrote no weights file in {staging.parent})")
         else:
-            try:  # renaming the folder leaves its files' identities as they are
-                record = {**_record(model_file.parent), "files": {n: _identity(staging / n) for n in (GRAPH, DATA)}}
+            try:  # what it was made from, and its files' checksums (hashed once here; records at later loads)
+                files = {n: {"sha256": sha256_file(staging / n), "bytes": (staging / n).stat().st_size}
+                         for n in (GRAPH, DATA)}
+                record = {**_record(model_file.parent), "artifact": made_from, "files": files}
                 (staging / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
                 os.replace(staging, entry)
                 with contextlib.suppress(OSError):  # marked until renamed: never swept while being built
                     (entry / artifact.PID_FILE).unlink()
-                console.print(f"prepared {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry}; "
-                              "later loads map them)", highlight=False, markup=False)
-            except OSError as exc:  # a full disk, a leftover entry that could not be removed: the session runs anyway
-                console.print(f"not saving prepacked weights ({exc.strerror or exc})", highlight=False, markup=False)
+                if not quiet:
+                    note(f"prepared {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry}; "
+                         "later loads map them)")
+            except (OSError, UserError) as exc:  # a full disk, a leftover entry that could not be removed: it runs anyway
+                note(f"not saving prepacked weights ({(exc.strerror or exc) if isinstance(exc, OSError) else exc})")
         return made
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _record(source: Path) -> dict[str, Any]:
-    """What an entry was built from and for (and, in its manifest, its files' identities)."""
+    """What an entry was built from and for (and, in its manifest, the artifact's checksums and its files')."""
+    return {"source": str(source.resolve()), **_made_for(), "files": {}}
+
+
+def _made_for() -> dict[str, str]:
+    """The ORT and CPU an entry is packed for."""
     import onnxruntime as ort
 
-    return {"source": str(source.resolve()), "onnxruntime": ort.__version__,
-            "cpu": hashlib.sha256(_cpu().encode()).hexdigest()[:16], "files": {}}
+    return {"onnxruntime": ort.__version__, "cpu": hashlib.sha256(_cpu().encode()).hexdigest()[:16]}
 
 
 def _drop_older(entry: Path, source: Path) -> None:

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sc2quant.core.errors import UserError
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
-from sc2quant.runtime.http_guard import ApiBody
+from sc2quant.runtime.http_guard import NOT_UTF8_JSON, ApiBody
 from sc2quant.runtime.infill import InfillRequest, InfillTimer, infill_ids
 
 MAX_BODY_BYTES = 1 << 20
@@ -62,8 +62,8 @@ class Limits:
     def check(self) -> None:
         if self.concurrency < 1 or self.max_queue < 0 or self.max_connections < 2:
             raise UserError("--concurrency must be at least 1, --max-queue at least 0 and --max-connections at least 2")
-        if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
-            raise UserError("--read-timeout must be between 0 and 3600 seconds")
+        if bad := [t for t in (self.header_timeout, self.body_timeout) if not 0 < t <= 3600]:  # both --read-timeout
+            raise UserError(f"--read-timeout must be more than 0 and at most 3600 seconds, got {bad[0]:g}")
 
     def describe(self) -> str:
         return (f"{self.concurrency} generating, {self.max_queue} queued, {self.max_connections} connections, "
@@ -75,6 +75,7 @@ class StreamOptions(ApiBody):
 
 
 class CompletionRequest(ApiBody):
+    not_applied = {"min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "typical_p": (1,)}  # vLLM's
     model: str | None = None
     prompt: str | list[str]
     suffix: str | None = None
@@ -89,6 +90,10 @@ class CompletionRequest(ApiBody):
     logprobs: int | None = None  # not computed: asking for them is refused, not ignored
     echo: StrictBool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None  # these four are not applied: a value that would change the output
+    presence_penalty: float = 0.0  # is refused, not ignored (a neutral one is accepted)
+    frequency_penalty: float = 0.0
+    top_k: int | None = None  # not OpenAI's (vLLM's, llama-server's): 0 or -1 is off; greedy decoding ignores it
 
     @model_validator(mode="after")
     def _refuse_what_is_not_done(self) -> CompletionRequest:
@@ -98,6 +103,11 @@ class CompletionRequest(ApiBody):
             raise ValueError("logprobs are not computed by this server: drop logprobs")
         if self.best_of != 1:
             raise ValueError("best_of must be 1 (one completion per prompt): drop it")
+        neutral = {"logit_bias": "{}", "presence_penalty": "0", "frequency_penalty": "0", "top_k": "0, or temperature 0"}
+        changes = {"logit_bias": any((self.logit_bias or {}).values()), "top_k": self.top_k not in (None, 0, -1)
+                   and self.temperature > 0, **{k: getattr(self, k) != 0 for k in ("presence_penalty", "frequency_penalty")}}
+        for name in (k for k, changed in changes.items() if changed):
+            raise ValueError(f"{name} is not applied by this server: drop it (or send {neutral[name]})")
         return self
 
 
@@ -275,13 +285,14 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
         if first.get("type") == "json_invalid":
             return error(400, "request body is not valid JSON", code="invalid_json")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", code="invalid_request")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if where or first.get("type") != "value_error":  # else our own check of the whole body: it names the field
+            message = f"{where or 'body'}: {message}"
+        return error(400, message, code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
-        message = ("request body is not valid UTF-8 JSON (or nests deeper, or holds a longer number, than a request "
-                   "can)") if exc.status_code == 400 else str(exc.detail)
-        return error(exc.status_code, message)
+        return error(exc.status_code, NOT_UTF8_JSON if exc.status_code == 400 else str(exc.detail))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers that read the status only
     async def health() -> JSONResponse:

@@ -139,6 +139,9 @@ def test_help_shows_flags_as_flags_and_examples_whole(logs):
     (["serve", "--prompt-cache-mb", "-1"], "--prompt-cache-mb must be 0 (no prompt reuse) or more, got -1"),
     (["serve", "--lookup-tokens", "33"], "lookup tokens must be 0 (off) to 32, got 33"),
     (["serve", "--engine", "vllm", "--lookup-tokens", "4"], "--lookup-tokens cannot be passed to vLLM"),
+    # found by the red team: "must be between 0 and 3600" refused 0, which is between them
+    (["serve", "--read-timeout", "0"], "--read-timeout must be more than 0 and at most 3600 seconds, got 0"),
+    (["serve", "--read-timeout", "3600.5"], "--read-timeout must be more than 0 and at most 3600 seconds, got 3600.5"),
 ])
 def test_options_that_do_not_apply_are_refused(tmp_path, logs, args, message):
     done = sc2quant(*args, log_dir=logs, cwd=tmp_path, check=False)
@@ -197,3 +200,20 @@ def test_a_reader_that_closes_stdout_early_is_not_an_error(args, logs):
     proc.stdout.close()
     _, err = proc.communicate(timeout=600)
     assert proc.returncode in (0, 141) and b"error" not in err and b"Traceback" not in err, err[-2000:]
+
+
+UNWRITABLE = {"closed": ('"$@" >&-', "Bad file descriptor"), "full": ('"$@" >/dev/full', "No space left on device")}
+
+
+@pytest.mark.parametrize("how", sorted(UNWRITABLE))
+@pytest.mark.parametrize("args", [["footprint"], ["inspect"], ["formats"], ["--version"],
+                                  ["run", "--prompt", "def f():", "--max-new-tokens", "4"]],
+                         ids=["footprint", "inspect", "formats", "version", "run"])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_2(args, how, logs):
+    """Found by the red team: `sc2quant run ... >&-` ended in a traceback (exit 1), and `>/dev/full` said "a bug":
+    a closed stdout or a full device is the user's environment, said in one line, exit 2 (as `ls >&-` does)."""
+    shell, reason = UNWRITABLE[how]
+    done = subprocess.run(["sh", "-c", shell, "sh", *SC2QUANT, *args], capture_output=False, stderr=subprocess.PIPE,
+                          text=True, timeout=600, env={**os.environ, "SC2QUANT_LOG_DIR": str(logs), "COLUMNS": "80"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr == f"error: cannot write the output: {reason} (stdout)\n", done.stderr[-3000:]

@@ -135,3 +135,17 @@ def test_full_verification_on_request_and_a_cache_path_with_a_tilde(tmp_path, co
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SC2QUANT_CACHE", "~/x")
     assert files.cache_base() == tmp_path / "home" / "x"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_records_under_a_cache_root_others_can_write_are_not_believed(tmp_path, counted, mode):
+    """Found by the red team: only the records' own folder was checked; whoever can write the cache root
+    can put another folder of this user's in its place (a rename keeps its owner and mode)."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    files.known_sha256(f)
+    root = tmp_path / "cache"
+    assert root.stat().st_mode & 0o777 == 0o700  # made private, whatever the umask
+    os.chmod(root, mode)
+    files.known_sha256(f)
+    assert len(counted) == 2

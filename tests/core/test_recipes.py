@@ -90,3 +90,28 @@ def test_a_long_wrong_value_is_shown_shortened(tmp_path):
     with pytest.raises(UserError, match=r"'bits' has a list value \[1, 1, .*\.\.\., expected") as caught:
         load_recipe(f, QuantizeOptions)
     assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize("body,message", [
+    ("method: bnb\nbits: 4\nbits: 8\n", "'bits' is set twice (lines 2 and 3)"),
+    ("group-size: 64\ngroup_size: 32\n", "'group-size' and 'group_size' set the same option (lines 1 and 2)"),
+    ("description: a\nmethod: rtn\ndescription: b\n", "'description' is set twice (lines 1 and 3)"),
+])
+def test_a_key_set_twice_is_refused_naming_it_and_the_file(tmp_path, body, message):
+    """Found by the red team: a duplicate key was accepted silently, the last one winning."""
+    f = tmp_path / "twice.yaml"
+    f.write_text(body)
+    with pytest.raises(UserError) as caught:
+        load_recipe(f, QuantizeOptions)
+    assert message in str(caught.value) and str(f) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_key_set_twice_exits_2_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "twice.yaml"
+    f.write_text("max-new-tokens: 3\nmax-new-tokens: 4\n")
+    done = subprocess.run([sys.executable, "-m", "sc2quant", "run", "--recipe", str(f)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "'max-new-tokens' is set twice" in done.stderr

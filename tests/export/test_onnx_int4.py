@@ -90,7 +90,7 @@ def test_int4_runs_in_onnxruntime_genai(int4_exports):
 
 
 
-def test_int8_lm_head_drifts_less_than_int4(onnx_int4_artifact, artifacts_dir, eval_sets_small, baseline_logits_fn):
+def test_int8_lm_head_drifts_less_than_int4(onnx_int4_rtn_artifact, artifacts_dir, eval_sets_small, baseline_logits_fn):
     """An 8-bit lm_head (as llama.cpp keeps its output matrix above 4 bits) with the int4 body."""
     from sc2quant.evaluate.metrics import compare
     from sc2quant.runtime import load
@@ -105,9 +105,9 @@ def test_int8_lm_head_drifts_less_than_int4(onnx_int4_artifact, artifacts_dir, e
     assert attrs(gather)["bits"] == 8 and not any(sorted(i.dims) == sorted([8192, 256]) for i in proto.graph.initializer
                                                   if i.data_type == 1)
     assert artifact.read_manifest(out).params["lm_head"].startswith("int8")
-    assert dir_bytes(out) < dir_bytes(onnx_int4_artifact) * 1.6  # not the fp32 embedding of before (2.9x)
+    assert dir_bytes(out) < dir_bytes(onnx_int4_rtn_artifact) * 1.6  # not the fp32 embedding of before (2.9x)
     kl8 = compare(eval_sets_small, load(out).logits, baseline_logits_fn)["all"]["kl_mean"]
-    kl4 = compare(eval_sets_small, load(onnx_int4_artifact).logits, baseline_logits_fn)["all"]["kl_mean"]
+    kl4 = compare(eval_sets_small, load(onnx_int4_rtn_artifact).logits, baseline_logits_fn)["all"]["kl_mean"]
     assert kl8 < 0.5 * kl4, (kl8, kl4)  # measured 8.6e-4 vs 3.8e-3
 
 

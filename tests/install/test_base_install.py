@@ -100,3 +100,30 @@ def test_serve_with_vllm_refuses_an_onnx_export_in_one_line(base_python, onnx_in
     done = _run([str(BASE / "sc2quant"), "serve", str(onnx_int4_artifact), "--engine", "vllm", "--port", "1"])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "vLLM" in lines[0], done.stderr
+
+
+def test_the_peers_bench_measures_an_onnx_export_in_the_base_install(base_python, tiny_onnx_artifact):
+    """The bench's RSS ratio means what an app holds: an ONNX export is timed in the base install's
+    interpreter (no torch imported), not in the full install's process (which imports torch)."""
+    from bench.contenders import Contender
+    from bench.run import BASE_PYTHON, measure_contender
+
+    assert BASE_PYTHON == base_python
+    c = Contender(name="tiny", path=tiny_onnx_artifact, runtime="sc2quant")
+    row = measure_contender(c, "cpu", 1, {"prefill": 16, "prompt": 8, "decode": 4})
+    assert row["process"] == "base install" and row["torch_imported"] is False
+    assert row["peak_rss_bytes"] > 0 and row["decode_tokens_per_s"] > 0
+
+
+def test_a_gptq_artifact_says_what_its_conversion_needs_in_one_line(base_python, tiny_gptq_artifact):
+    """Found by the red team: the base install refused a GPTQ artifact with "this needs safetensors", which
+    named neither what to install nor why: it runs in ONNX Runtime once converted, which needs torch."""
+    done = _run([str(BASE / "sc2quant"), "run", str(tiny_gptq_artifact), "--prompt", "def f(", "--max-new-tokens", "2"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for said in ("GPTQ", "convert", "torch", "pip install 'sc2quant[quantize]'", "sc2quant export onnx"):
+        assert said in lines[0], (said, lines[0])
+    assert "safetensors" not in lines[0]
+    api = _run([str(base_python), "-c", f"import sc2quant\ntry: sc2quant.load({str(tiny_gptq_artifact)!r})\n"
+                "except sc2quant.UserError as exc: print(exc)"])
+    assert api.stdout.strip() == lines[0].removeprefix("error: "), api.stdout + api.stderr

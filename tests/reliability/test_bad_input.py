@@ -112,18 +112,31 @@ def _cases(m: dict[str, Path], tiny: Path) -> list[tuple[str, list[str], str]]:
 
 
 @pytest.mark.slow
-def test_every_case_is_one_clear_line_exit_2_nothing_written(bad_models, tiny_model_dir):
+def test_every_case_is_one_clear_line_exit_2_nothing_written(bad_models, tiny_model_dir, tmp_path, monkeypatch):
+    """Nothing written: not beside the inputs, and not in the working directory, where a verb run without
+    --out writes (out/<model>-<method>): each case runs in an empty one that must stay empty."""
     failures, cases = [], _cases(bad_models, tiny_model_dir)
     assert len({name for name, _, _ in cases}) == len(cases)  # each case named once: a failure names its case
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     for name, args, message in cases:
         before = sorted(p.name for p in bad_models["root"].iterdir())
         result = runner.invoke(app, args)
         lines = result.output.strip().splitlines()
         after = sorted(p.name for p in bad_models["root"].iterdir())
+        written = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
         ok = (result.exit_code == 2 and message in result.output and len(lines) == 1
-              and lines[0].startswith("error:") and "Traceback" not in result.output and before == after)
+              and lines[0].startswith("error:") and "Traceback" not in result.output and before == after
+              and not written)
         if not ok:
-            failures.append(f"{name}: exit {result.exit_code}, {result.output.strip()[:300]!r}")
+            failures.append(f"{name}: exit {result.exit_code}, {result.output.strip()[:300]!r}"
+                            + (f", wrote {written[:5]} in the working directory" if written else ""))
+        for p in cwd.iterdir():  # the next case starts from an empty working directory again
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     assert not failures, "\n".join(failures)
 
 

@@ -107,3 +107,97 @@ def test_sigterm_during_the_first_conversion_ends_the_child(tiny_gptq_artifact, 
     while list((tmp_path / "cache" / "converted").glob(artifact.TMP_PREFIX + "*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list((tmp_path / "cache" / "converted").iterdir()) == []  # an orphan would have finished and published it
+
+
+# Found by the red team: two conversions' folders swapped with `mv` (a rename keeps every identity stamp,
+# and each folder still verifies against its own manifest) and the first GPTQ artifact ran the second's
+# weights; a cache folder others can write was trusted.
+
+
+@pytest.fixture(scope="module")
+def other_gptq_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same tiny model in groups of 64: another artifact of the same shapes."""
+    from tests.conftest import quantize_to
+
+    return quantize_to(tmp_path_factory.mktemp("other") / "tiny-rtn-int4-g64", model=str(tiny_model_dir),
+                       method="rtn", bits=4, group_size=64)
+
+
+def _logits(path: Path) -> list[float]:
+    from sc2quant.runtime import load
+
+    model = load(path, prefix_cache_bytes=0)
+    _, logits = model.engine.start([model.encode("def f(x):\n    return")])
+    return logits.ravel().tolist()
+
+
+def _converted(path: Path) -> Path:
+    return convert.converted_onnx(path, artifact.read_manifest(path))
+
+
+def _lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_conversions_swapped_with_mv_are_converted_again(tiny_gptq_artifact, other_gptq_artifact, tmp_path,
+                                                         monkeypatch, capsys):
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SC2QUANT_PREPACKED", "0")
+    mine, theirs = _logits(tiny_gptq_artifact), _logits(other_gptq_artifact)
+    assert mine != theirs
+    first, second = _converted(tiny_gptq_artifact), _converted(other_gptq_artifact)
+    os.rename(first, tmp_path / "aside")
+    os.rename(second, first)
+    os.rename(tmp_path / "aside", second)
+    capsys.readouterr()
+    assert _logits(tiny_gptq_artifact) == mine
+    [line] = _lines(capsys.readouterr().err)
+    assert f"the ONNX conversion in {first} was made from another artifact: converting again" in line
+    assert artifact.read_manifest(first).group_size == 32
+
+
+def test_a_conversion_edited_with_its_times_restored_is_converted_again(tiny_gptq_artifact, tmp_path, monkeypatch,
+                                                                      capsys):
+    from sc2quant.core import files
+
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "SETTLED_NS", 0)  # recorded at once: the edit is caught on the records' path
+    out = _converted(tiny_gptq_artifact)
+    assert _converted(tiny_gptq_artifact) == out
+    data = out / "model.onnx.data"
+    info = data.stat()
+    with open(data, "r+b") as fh:
+        fh.seek(info.st_size // 2)
+        fh.write(bytes(64))
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
+    capsys.readouterr()
+    assert _converted(tiny_gptq_artifact) == out and artifact.verify(out)
+    [line] = _lines(capsys.readouterr().err)
+    assert f"the ONNX conversion in {out} does not match its checksums" in line and line.endswith("converting again")
+
+
+@pytest.mark.parametrize("shared", ["cache root", "kind folder"])
+def test_a_cache_others_can_write_is_not_trusted(tiny_gptq_artifact, tmp_path, monkeypatch, capsys, shared):
+    """Asked for with SC2QUANT_CACHE: refused in one line naming it; the default cache: a private
+    temporary folder instead, said in one line."""
+    root = tmp_path / "xdg" / "sc2quant"  # the default cache of XDG_CACHE_HOME=xdg, given first as SC2QUANT_CACHE
+    monkeypatch.setenv("SC2QUANT_CACHE", str(root))
+    out = _converted(tiny_gptq_artifact)
+    folder = root if shared == "cache root" else root / convert.KIND
+    os.chmod(folder, 0o777)
+    try:
+        capsys.readouterr()
+        with pytest.raises(UserError, match="SC2QUANT_CACHE") as refused:
+            _converted(tiny_gptq_artifact)
+        assert "\n" not in str(refused.value) and str(folder) in str(refused.value)
+        monkeypatch.delenv("SC2QUANT_CACHE")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+        (tmp_path / "tmp").mkdir()
+        private = _converted(tiny_gptq_artifact)
+    finally:
+        os.chmod(folder, 0o700)
+    assert private.parent == tmp_path / "tmp" / f"sc2quant-{os.getuid()}" / convert.KIND and artifact.verify(private)
+    [line] = _lines(capsys.readouterr().err)[:1]
+    assert "other users can write" in line and str(private.parent) in line
+    assert out.is_dir()  # left as it was

@@ -10,7 +10,7 @@ from sc2quant.core.data import eval_documents
 from sc2quant.core.tokens import fim_prompt
 from sc2quant.runtime import load
 from sc2quant.runtime.lookup import Drafter, verify
-from tests.runtime.prefix_engines import ENGINES, check_greedy
+from tests.runtime.prefix_engines import ENGINES, check_greedy, ties_possible
 
 
 def test_the_drafter_proposes_what_followed_the_latest_match_longest_ngram_first():
@@ -52,7 +52,11 @@ def _fim_prompts(model, n: int = 6) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+# engines whose many-token forward rounds like one-token steps (fp32 throughout): lookup decoding is offered there
+EXACT = [name for name in ENGINES if name in ("onnx-fp32", "torch-fp32")]
+
+
+@pytest.fixture(scope="module", params=EXACT)
 def pair(request):
     fixture, dtype = ENGINES[request.param]
     path = request.getfixturevalue(fixture)
@@ -71,7 +75,8 @@ def test_lookup_decoding_gives_greedy_text_and_keeps_and_rejects_drafts(pair):
         accepted += chunks[-1].draft_accepted
     # both outcomes happened: drafts kept (tokens skipped) and drafts cut back (the state truncated)
     assert 0 < accepted < proposed, (accepted, proposed)
-    assert identical >= len(prompts) - 1  # a tie is rare: one prompt of six at most
+    # a tie is rare: one prompt of six at most, and only where rounding can break one (bf16, int8 activations)
+    assert identical == len(prompts) or (ties_possible(plain) and identical >= len(prompts) - 1), identical
 
 
 def test_the_state_after_lookup_is_what_the_next_request_reuses(pair):
@@ -81,7 +86,7 @@ def test_the_state_after_lookup_is_what_the_next_request_reuses(pair):
     typed = prefix + "    "  # the user typed on: the cached KV of the first request (drafts included) is reused
     chunks = list(looked.stream_generate(typed, max_new_tokens=40, suffix=suffix))
     assert chunks[-1].cached_tokens > len(plain.encode(prefix)) // 2
-    check_greedy(plain, fim_prompt(typed, suffix), "".join(c.text for c in chunks), 40)
+    assert check_greedy(plain, fim_prompt(typed, suffix), "".join(c.text for c in chunks), 40) or ties_possible(plain)
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 9])
@@ -90,7 +95,7 @@ def test_drafts_never_run_past_the_token_budget(pair, budget):
     prefix, suffix = _fim_prompts(plain, 1)[0]
     chunks = list(looked.stream_generate(prefix, max_new_tokens=budget, suffix=suffix))
     assert chunks[-1].completion_tokens <= budget
-    check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), budget)
+    assert check_greedy(plain, fim_prompt(prefix, suffix), "".join(c.text for c in chunks), budget) or ties_possible(plain)
 
 
 def test_drafts_never_run_past_the_context(pair):
@@ -100,7 +105,7 @@ def test_drafts_never_run_past_the_context(pair):
     n = len(plain.encode(prompt))
     chunks = list(looked.stream_generate(prompt, max_new_tokens=64))
     assert chunks[-1].completion_tokens <= plain.context - n
-    check_greedy(plain, prompt, "".join(c.text for c in chunks), min(64, plain.context - n))
+    assert check_greedy(plain, prompt, "".join(c.text for c in chunks), min(64, plain.context - n)) or ties_possible(plain)
 
 
 def test_sampling_and_batches_decode_without_drafts(pair):
@@ -114,14 +119,14 @@ def test_sampling_and_batches_decode_without_drafts(pair):
 
 
 @pytest.mark.slow
-def test_the_server_reports_drafts_as_openai_and_llama_server_do(onnx_int4_artifact):
+def test_the_server_reports_drafts_as_openai_and_llama_server_do(onnx_fp32_artifact):
     import httpx
 
     from tests.serving import start_server, stop_server
 
-    proc, url = start_server(onnx_int4_artifact, "--lookup-tokens", "4")
+    proc, url = start_server(onnx_fp32_artifact, "--lookup-tokens", "4")
     try:
-        model = load(onnx_int4_artifact, lookup_tokens=0, prefix_cache_bytes=0)
+        model = load(onnx_fp32_artifact, lookup_tokens=0, prefix_cache_bytes=0)
         prefix, suffix = _fim_prompts(model, 1)[0]
         suffix = "".join(suffix.splitlines(keepends=True)[:3])  # what /infill keeps untrimmed at a 1,024 context
         body = {"prompt": prefix, "suffix": suffix, "max_tokens": 40, "temperature": 0}
@@ -139,3 +144,31 @@ def test_the_server_reports_drafts_as_openai_and_llama_server_do(onnx_int4_artif
                                                                  "rejected_prediction_tokens": 0}
     finally:
         stop_server(proc)
+
+
+def test_lookup_is_refused_where_it_would_change_greedy_text(onnx_int4_artifact, embedded_model_dir):
+    """Found by the red team: on int4 exports (the default one included) lookup decoding changed 12 of 90
+    greedy completions: the verifying forward's int8 rounding of activations differs from one-token steps',
+    and the following steps read its keys and values. Refused there, and in bf16, in one line."""
+    from sc2quant.core.errors import UserError
+
+    with pytest.raises(UserError, match="lookup decoding would change greedy text.*int8") as err:
+        load(onnx_int4_artifact, lookup_tokens=8)
+    assert "\n" not in str(err.value) and "--lookup-tokens 0" in str(err.value)
+    with pytest.raises(UserError, match="computes in bfloat16"):
+        load(embedded_model_dir, dtype="bf16", lookup_tokens=8)
+    assert load(onnx_int4_artifact, lookup_tokens=0).lookup_tokens == 0
+    assert load(embedded_model_dir, dtype="fp32", lookup_tokens=8).lookup_tokens == 8
+
+
+@pytest.mark.slow
+def test_serve_refuses_lookup_on_an_int4_export_in_one_line(onnx_int4_artifact):
+    import subprocess
+    import sys
+
+    from tests.serving import free_port
+
+    done = subprocess.run([sys.executable, "-m", "sc2quant", "serve", str(onnx_int4_artifact), "--lookup-tokens", "4",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "lookup decoding would change greedy text" in done.stderr

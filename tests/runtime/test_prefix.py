@@ -7,11 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from sc2quant.runtime import load
-from tests.conftest import logit_tolerance
-from tests.runtime.prefix_engines import ENGINES, check_greedy
+from tests.runtime.prefix_engines import ENGINES, check_greedy, ties_possible, tolerance
 
 SOURCE = (Path(__file__).resolve().parents[2] / "sc2quant" / "runtime" / "model.py").read_text()
 
@@ -37,11 +35,12 @@ def models(request):
 def test_greedy_text_is_the_same_with_and_without_the_cache(models, shared):
     cached, plain = models
     first, second = _prompts(plain, shared)
-    reused = []
+    reused, identical = [], 0
     for prompt in (first, second, first):
         chunks = list(cached.stream_generate(prompt, max_new_tokens=32))
-        check_greedy(plain, prompt, "".join(c.text for c in chunks), 32)
+        identical += check_greedy(plain, prompt, "".join(c.text for c in chunks), 32)
         reused.append(chunks[-1].cached_tokens)
+    assert identical == 3 or (ties_possible(plain) and identical >= 2), identical  # a tie is rare: once at most
     n = len(plain.encode(first))
     assert reused[1] >= shared * n - 2, reused  # the shared tokens (a token may straddle the cut)
     if shared == 0.0:  # the other prompt took no entry: the first one's is still there, whole
@@ -60,17 +59,20 @@ def test_reused_and_chunked_prefill_give_the_logits_of_a_full_prefill(models):
     cached.engine.truncate(state, 699)
     again = cached.engine.extend(state, ids[699:])
     # the keys and values of a position depend on its prefix only; what differs is the kernel shape (a
-    # one-token matmul against a 700-row one): accumulation order in the compute dtype, within logit_tolerance
-    # (ONNX Runtime's int4 kernels quantize activations to int8 per block, and its one-row and many-row
-    # kernels may round them differently: the engine's own kernel tolerance bounds that)
-    dtype = torch.bfloat16 if cached.engine.describe()["dtype"] == "bfloat16" else torch.float32
-    bound = max(logit_tolerance(full, dtype), cached.engine.kernel_tolerance * float(abs(full).max()))
-    assert float(abs(again - full).max()) <= bound
+    # one-token matmul against a 700-row one): accumulation order in the compute dtype for float graphs
+    # (fp32: 66 epsilons; bf16: two bf16 steps), and for the int4 export ONNX Runtime's int8 rounding of
+    # activations, which its one-row and many-row kernels may do differently (tests/conftest.py derives
+    # each bound; prefix_engines.tolerance picks the engine's)
+    bound = tolerance(plain) * float(abs(full).max())
+    assert float(abs(again - full).max()) <= bound, (float(abs(again - full).max()), bound)
 
 
 def test_the_cache_is_bounded_in_bytes(onnx_int4_artifact):
     small = load(onnx_int4_artifact, prefill_chunk=64)
-    slot = small.engine.state_bytes(small.engine.start([[1, 2, 3]])[0])
+    state = small.engine.start([[1, 2, 3]])[0]
+    small.engine.park(state)  # as a kept state is: its keys and values only
+    slot = small.engine.state_bytes(state)
+    assert slot == small.engine.min_state_bytes()
     bounded = load(onnx_int4_artifact, prefix_cache_bytes=2 * slot)
     for i in range(5):
         bounded.generate(f"def f{i}(x):\n    return x", max_new_tokens=2)
@@ -173,3 +175,48 @@ def test_the_default_cache_holds_one_prompt_of_any_model(onnx_int4_artifact, cap
     model.generate("def f(x):\n    return", max_new_tokens=2)
     again = list(model.stream_generate("def f(x):\n    return x", max_new_tokens=2))
     assert model.prefix_cache.describe()["entries"] == 1 and again[-1].cached_tokens > 0
+
+
+FLOOD = """
+import sys
+from sc2quant.runtime import load
+from sc2quant.core.data import eval_documents
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+limit, n = int(sys.argv[2]), int(sys.argv[3])
+model = load(sys.argv[1], prefix_cache_bytes=limit, lookup_tokens=0)
+text = "\\n".join(d.text for d in eval_documents())
+ids = model.encode(text)
+prompts = [model.tokenizer.decode(ids[i * 97: i * 97 + 700]) for i in range(n + 4)]
+for p in prompts[:4]:  # warm-up: allocator, kernels, one entry of every size class
+    model.generate(p, max_new_tokens=1)
+model.prefix_cache.entries.clear()
+base = rss()
+for p in prompts[4:]:
+    model.generate(p, max_new_tokens=1)
+info = model.prefix_cache.describe()
+print(rss() - base, info["bytes"], info["entries"])
+"""
+
+
+@pytest.mark.slow
+def test_a_flood_of_distinct_prompts_holds_no_more_than_the_cache_limit(onnx_fp32_artifact):
+    """Found by the red team: the cache held about 2.5x --prompt-cache-mb in real memory (each kept state
+    also held its last prefill chunk's logits buffer, [1, 128, vocab] fp32, uncounted). The limit must
+    count what is held: after a flood of distinct prompts, RSS grows by at most the limit, plus 25 % and
+    8 MiB for the allocator's slack (its pages are not returned at once)."""
+    import subprocess
+    import sys
+
+    slot = load(onnx_fp32_artifact).engine.min_state_bytes()
+    limit = 10 * slot
+    out = subprocess.run([sys.executable, "-c", FLOOD, str(onnx_fp32_artifact), str(limit), "40"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, held, entries = map(int, out.stdout.split())
+    assert held <= limit and entries >= 8, (held, entries)
+    assert grown <= 1.25 * limit + 8 * 2**20, (grown / 2**20, limit / 2**20)

@@ -85,7 +85,7 @@ def test_a_damaged_entry_is_built_again(artifact_copy, cache, damage):
         manifest.write_text("[1, 2")
     assert np.array_equal(_outputs(artifact_copy), reference)
     [again] = _entries(cache)
-    assert again == entry and json.loads((again / prepacked.MANIFEST).read_text())["files"][prepacked.DATA][0] > 0
+    assert again == entry and json.loads((again / prepacked.MANIFEST).read_text())["files"][prepacked.DATA]["bytes"] > 0
 
 
 def test_a_changed_artifact_gets_a_new_entry_and_its_old_one_goes(artifact_copy, cache):
@@ -234,3 +234,115 @@ def test_a_bad_spinning_switch_is_one_line_before_any_work(artifact_copy, cache,
     with pytest.raises(UserError, match="SC2QUANT_ORT_SPIN='sometimes' is neither on nor off"):
         load(artifact_copy)
     assert capsys.readouterr().err == "" and _entries(cache) == []
+
+
+# Found by the red team: two exports' entries swapped with `mv` (a rename keeps every identity stamp) and
+# the first export ran the second's weights, exit 0, no message; a shared cache folder was trusted; a
+# note spanned several lines.
+
+
+@pytest.fixture(scope="module")
+def other_artifact(embedded_model_dir, tmp_path_factory) -> Path:
+    """The same model in other int4 blocks: the same graph's shapes, other weights and outputs."""
+    from sc2quant.export.onnx import export_onnx
+
+    return export_onnx(None, tmp_path_factory.mktemp("other") / "onnx-int4-b64", dtype="fp32", weights="int4",
+                       block_size=64, lm_head="int4", int4_method="rtn")
+
+
+def _lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_entries_swapped_with_mv_are_rebuilt_not_run(artifact_copy, other_artifact, cache, capsys):
+    mine, theirs = _outputs(artifact_copy), _outputs(other_artifact)
+    assert not np.array_equal(mine, theirs)
+    first, second = (e for name in (artifact_copy.name, other_artifact.name) for e in _entries(cache)
+                     if e.name.rsplit("-", 1)[0] == name)
+    aside = first.with_name("aside")
+    os.rename(first, aside)
+    os.rename(second, first)
+    os.rename(aside, second)
+    capsys.readouterr()
+    assert np.array_equal(_outputs(artifact_copy), mine)
+    [line] = _lines(capsys.readouterr().err)
+    assert f"prepacked weights in {first} were made from another artifact: rebuilding" in line
+    assert json.loads((first / prepacked.MANIFEST).read_text())["source"] == str(artifact_copy.resolve())
+    assert np.array_equal(_outputs(other_artifact), theirs)  # its own entry is gone with the swap: built again
+
+
+@pytest.mark.parametrize("restamped", [False, True])
+def test_an_entry_edited_with_its_times_restored_is_caught_by_content(artifact_copy, cache, monkeypatch, capsys,
+                                                                     restamped):
+    """Mapped loads take the files' checksums from the unchanged-file records (nothing hashed again); an
+    edit is hashed and caught, also when the entry's own record was re-stamped with the files' new state."""
+    from sc2quant.core import files
+
+    monkeypatch.setattr(files, "SETTLED_NS", 0)  # the entry is seconds old: recorded at once
+    reference = _outputs(artifact_copy)
+    _outputs(artifact_copy)  # mapped: its files hashed once, recorded
+    hashed: list[Path] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path, *a: hashed.append(Path(path)) or real(path, *a))
+    assert np.array_equal(_outputs(artifact_copy), reference) and hashed == []  # records valid: no hash
+    [entry] = _entries(cache)
+    data = entry / prepacked.DATA
+    info = data.stat()
+    with open(data, "r+b") as fh:
+        fh.seek(info.st_size // 2)
+        fh.write(bytes(4096))
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))
+    if restamped:  # what the entry says of its files no longer proves anything about their bytes
+        record = json.loads((entry / prepacked.MANIFEST).read_text())
+        record["files"] = {n: files.file_identity(entry / n) if isinstance(v, list) else v
+                           for n, v in record["files"].items()}
+        (entry / prepacked.MANIFEST).write_text(json.dumps(record))
+    capsys.readouterr()
+    assert np.array_equal(_outputs(artifact_copy), reference)
+    [line] = _lines(capsys.readouterr().err)
+    assert f"prepacked weights in {entry} do not match their checksums" in line and line.endswith("rebuilding")
+
+
+@pytest.mark.parametrize("shared", ["cache root", "kind folder", "entry"])
+def test_a_cache_folder_others_can_write_is_not_trusted(artifact_copy, other_artifact, cache, monkeypatch, capsys,
+                                                        shared):
+    import onnxruntime as ort
+
+    reference = _outputs(artifact_copy)
+    _outputs(other_artifact)
+    [entry] = [e for e in _entries(cache) if e.name.rsplit("-", 1)[0] == artifact_copy.name]
+    [other] = [e for e in _entries(cache) if e != entry]
+    shutil.rmtree(entry)
+    os.rename(other, entry)  # what another user could put there: the other export's weights, stamps and all
+    folder = {"cache root": cache, "kind folder": cache / prepacked.KIND, "entry": entry}[shared]
+    os.chmod(folder, 0o777)
+    opened: list[str] = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    capsys.readouterr()
+    try:
+        assert np.array_equal(_outputs(artifact_copy), reference)
+    finally:
+        os.chmod(folder, 0o700)
+    [line] = _lines(capsys.readouterr().err)
+    assert "other users can write" in line and str(folder) in line
+    if shared == "entry":  # in a private kind folder: ours to remove and build again
+        assert line.endswith("rebuilding")
+        assert json.loads((entry / prepacked.MANIFEST).read_text())["source"] == str(artifact_copy.resolve())
+    else:  # nothing in the cache is used, nothing there is touched
+        assert opened == [str(artifact_copy / "model.onnx")] and "SC2QUANT_CACHE" in line
+        assert json.loads((entry / prepacked.MANIFEST).read_text())["source"] == str(other_artifact.resolve())
+
+
+def test_a_multiline_os_error_is_one_line(artifact_copy, cache, monkeypatch, capsys):
+    import errno
+
+    def broken(_path):
+        raise OSError(errno.EIO, "Input/output error\nat block 7\n", "/mnt/cache\nprepacked")
+
+    monkeypatch.setattr(prepacked.shutil, "disk_usage", broken)
+    reference = _outputs(artifact_copy)
+    [line] = _lines(capsys.readouterr().err)
+    assert line.startswith("not saving prepacked weights (Input/output error at block 7") and line.endswith(")")
+    monkeypatch.setenv("SC2QUANT_PREPACKED", "0")
+    assert np.array_equal(_outputs(artifact_copy), reference)

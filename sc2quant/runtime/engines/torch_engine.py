@@ -133,8 +133,16 @@ class TorchEngine:
         return 0  # the dynamic cache grows with the sequence
 
     def state_bytes(self, state: Any) -> int:
-        return sum(t.numel() * t.element_size() for layer in state["cache"].layers if layer.is_initialized
-                   for t in (layer.keys, layer.values))
+        """The storage the state's tensors hold (a cropped cache keeps its whole storage: counted whole)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for layer in state["cache"].layers if layer.is_initialized for t in (layer.keys, layer.values)}
+        for t in (state.get("mask"), state.get("next_pos")):
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+    def park(self, state: Any) -> None:
+        """Nothing to drop: the state holds its cache and mask only."""
 
     # --- one prompt from a static cache, decoded by a captured graph on CUDA ------------------
 
