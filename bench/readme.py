@@ -397,7 +397,7 @@ def serving_text() -> str:
     return (f"On a 2-core {result['machine']['cpu']} with the embedded model (`python -m bench.serving`, "
             f"{link(SERVING)}), vLLM's CPU build serves {rps(vllm)} requests/s ({tps(vllm)} tokens/s) with "
             f"{' / '.join(str(r['clients']) for r in vllm)} concurrent clients against {rps(ours)} ({tps(ours)} "
-            "tokens/s) for sc2quant's own runtime on the same checkpoint, which generates one request at a time "
+            "tokens/s) for sc2quant's own runtime on the same checkpoint (its torch engine, one request at a time) "
             f"(one round of {vllm[0]['requests']} requests per row: a single measurement, no spread).")
 
 

@@ -46,7 +46,13 @@ def serve_cmd(
         envvar="SC2QUANT_VLLM_PYTHON", help="vllm: the python of an environment with vLLM [default: .venv-vllm]")]
     = None,
     threads: ThreadsOpt = None,
-    concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 1,
+    parallel: Annotated[Optional[int], typer.Option(
+        help="Rows generated together (continuous batching, as llama-server's slots): each step decodes one token "
+             "of every generating row in one forward and prefills a chunk of a waiting prompt; an idle row keeps its "
+             "prompt for the next request sharing it. ONNX exports on the CPU; 1: one request at a time. "
+             "[default: 4 where the model runs in ONNX Runtime on the CPU (the fastest of 1-8 for four editors on 2 "
+             "cores, bench/editor.py), else 1]", show_default=False)] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests generating at once (with --parallel: at least its rows).")] = 1,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429.")] = 16,
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more get 503.")] = 64,
     read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send headers or a body piece.")]
@@ -91,6 +97,8 @@ def serve_cmd(
                         "or CUDA build, automatic prefix caching): drop it")
     if v["prompt_cache_mb"] is not None and v["prompt_cache_mb"] < 0:
         raise UserError(f"--prompt-cache-mb must be 0 (no prompt reuse) or more, got {v['prompt_cache_mb']}")
+    if v["engine"] == "vllm" and v["parallel"] is not None:
+        raise UserError("--parallel applies to sc2quant's own runtime: vLLM batches its requests itself; drop it")
     limits = Limits(concurrency=v["concurrency"], max_queue=v["max_queue"], max_connections=v["max_connections"],
                     header_timeout=v["read_timeout"], body_timeout=v["read_timeout"])
     stopped_by = serve(v["model"], host=v["host"], port=v["port"], device=v["device"], limits=limits, verify=v["verify"],
@@ -99,6 +107,7 @@ def serve_cmd(
                        vllm={"python": v["vllm_python"], "tensor_parallel_size": v["tensor_parallel_size"],
                              "dtype": v["dtype"]},
                        reuse={"prefix_cache_bytes": None if v["prompt_cache_mb"] is None else v["prompt_cache_mb"] << 20,
+                              "parallel": v["parallel"],
                               **({} if v["lookup_tokens"] is None else {"lookup_tokens": v["lookup_tokens"]})})
     exit_as_signalled(stopped_by)
 

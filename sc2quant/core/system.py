@@ -168,6 +168,15 @@ def vm_hwm(pid: int | str = "self") -> int:
     return 0
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable; None where /proc is missing)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss_self() -> int:
     """This process's peak resident bytes (ru_maxrss only where /proc is missing: the best there is)."""
     return vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -113,6 +113,9 @@ class Job:
         except BaseException as exc:  # noqa: BLE001 - handed to the request, which answers it
             self._put(exc)
         finally:
+            close = getattr(self.chunks, "close", None)
+            if close is not None:  # a generator left early: its own cleanup runs now (a batched row is freed)
+                close()
             self._finish()
             self._put(self._END)
 
@@ -140,21 +143,27 @@ class LocalBackend:
         self.kind = model.kind
         self.tokenizer = model.tokenizer
         self.context = model.context
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sc2quant-generate")
+        rows = model.slots.describe()["rows"] if model.slots is not None else 1  # batched rows: a thread waits on each
+        self.executor = ThreadPoolExecutor(max_workers=max(concurrency, rows), thread_name_prefix="sc2quant-generate")
         self.stopping = threading.Event()
 
     def describe(self) -> str:
-        d = self.model.engine.describe()
-        return f"{self.kind}, {d['engine']} {d['dtype']}"
+        d, slots = self.model.engine.describe(), self.model.slots
+        rows = (f", {slots.describe()['rows']} rows batched ({slots.describe()['kv_bytes'] / 2**20:,.0f} MiB of KV)"
+                if slots is not None else "")
+        return f"{self.kind}, {d['engine']} {d['dtype']}{rows}"
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
+        """With `--parallel` rows: how many there are, how many are busy and how many requests wait for one."""
+        slots = self.model.slots
+        return {"status": "ok", **({"slots": slots.describe()} if slots is not None else {})}
 
     async def prepare(self, request: Request) -> Iterator[Chunk]:
         # stream_generate checks sampling values and UTF-8, empty and too long prompts eagerly
         return await run_in_threadpool(self.model.stream_generate, request.prompts, max_new_tokens=request.max_tokens,
                                        temperature=request.temperature, top_p=request.top_p, stop=request.stop,
-                                       seed=request.seed, suffix=request.suffix)
+                                       seed=request.seed, suffix=request.suffix,
+                                       background=bool(request.extra.get("background")))
 
     def start(self, prepared: Iterator[Chunk], done: Callable[[], None]) -> Job:
         return Job(prepared, self.executor, done, self.stopping)
@@ -165,6 +174,8 @@ class LocalBackend:
     def stop(self) -> None:
         self.stopping.set()  # every running generation stops at its next token
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.model.slots is not None:
+            self.model.slots.close()
 
 
 __all__ = ["Backend", "Job", "LocalBackend", "Request", "Stream", "Unavailable", "UserError"]

@@ -7,11 +7,8 @@ written once here, in `Model.stream_generate`; engines only compute logits (see
 
 from __future__ import annotations
 
-import math
 import os
-import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,81 +22,19 @@ from sc2quant.core.tokens import STOP_TOKENS, fim_pieces
 from sc2quant.runtime.engines import Engine, EngineOptions, open_engine
 from sc2quant.runtime.lookup import Drafter, inexact, trusted, verify
 from sc2quant.runtime.prefix import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK, PrefixCache, extendable, prefill
-from sc2quant.runtime.stops import StopFilter
+from sc2quant.runtime.sampling import Chunk, RowText, Sampling, sample
 
-MAX_NEW_TOKENS_LIMIT = 8192
 DEFAULT_LOOKUP = 0  # draft tokens per lookup (0: off); see bench/editor.py
 MAX_LOOKUP = 32
-MAX_SEED = 2**63 - 1
-MAX_STOP_STRINGS = 16  # OpenAI's API takes 4; more is allowed here, never an unbounded list
-MAX_STOP_CHARS = 1000  # per stop string
-# Sampling divides the logits by the temperature: at 1e-3 a logit would have to exceed 3.4e35 to
-# overflow fp32/bf16 (real logits stay below 1e4); below it, 1e-39 made every logit inf and the sampler NaN.
-MIN_TEMPERATURE = 1e-3
-MAX_TEMPERATURE = 2.0  # OpenAI's range; the server, the CLI and the API check the same one
-# top_p is compared with fp32/bf16 probabilities: 1e-46 rounds to 0 there and kept no token at all.
-MIN_TOP_P = 1e-6
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None  # None: a fresh random seed when sampling (reported in each Chunk)
-
-    def validate(self) -> None:
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise UserError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature)
-                and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE)):
-            raise UserError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
-                            f"got {self.temperature}")
-        if not (math.isfinite(self.top_p) and MIN_TOP_P <= self.top_p <= 1):
-            raise UserError(f"top_p must be between {MIN_TOP_P:g} and 1, got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        self.validate_stop()
-
-    def validate_stop(self) -> None:
-        if any(not isinstance(s, str) for s in self.stop):
-            raise UserError("stop sequences must be strings")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise UserError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(self.stop)}: drop some")
-        longest = max((len(s) for s in self.stop), default=0)
-        if longest > MAX_STOP_CHARS:
-            raise UserError(f"a stop sequence may be at most {MAX_STOP_CHARS:,} characters, got one of {longest:,}: "
-                            "shorten it")
-
-    def resolved_seed(self) -> int:
-        """The seed this generation uses: the given one, else 0 for greedy, else a fresh random one."""
-        if self.seed is not None:
-            return self.seed
-        return 0 if self.temperature == 0 else secrets.randbits(63)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of one row's completion. The last chunk of a row has its `finish_reason`."""
-
-    row: int
-    text: str  # new text since this row's previous chunk (may be empty in the last chunk)
-    finish_reason: str | None  # None while generating, then "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    draft_tokens: int = 0  # lookup decoding so far: tokens drafted, and of them kept (runtime/lookup.py)
-    draft_accepted: int = 0
-    stop_word: str = ""  # in the last chunk: the stop string that ended the row ("" for any other end)
+MAX_PARALLEL = 64
+DEFAULT_PARALLEL = 4  # serve's rows: the fastest of 1-8 for four editors on 2 cores (bench/editor.py)
 
 
 @api_output("load")
 def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True, threads: int | None = None,
          dtype: str = "auto", profile_dir: Path | None = None, engine: str = "auto",
          static_cache: bool | None = None, prefix_cache_bytes: int | None = None,
-         prefill_chunk: int = DEFAULT_CHUNK, lookup_tokens: int = DEFAULT_LOOKUP) -> Model:
+         prefill_chunk: int = DEFAULT_CHUNK, lookup_tokens: int = DEFAULT_LOOKUP, parallel: int | None = 1) -> Model:
     """Open an artifact (manifest checked, checksums verified unless verify=False: a file unchanged since it
     was last verified is not hashed again, `sc2quant.core.files.known_sha256`) or a model directory.
 
@@ -113,7 +48,10 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     prompt reuse (0: none; None: 1 GiB, or one prompt's KV where that is more, as at 7B),
     prefill_chunk: tokens per prefill call, lookup_tokens: draft tokens per
     step of lookup decoding (greedy, one prompt; 0: off), on engines that extend a cached sequence
-    (ONNX, torch's dynamic cache; see runtime/prefix.py and runtime/lookup.py).
+    (ONNX, torch's dynamic cache; see runtime/prefix.py and runtime/lookup.py). parallel: rows
+    generated together (continuous batching, runtime/slots.py; the ONNX engine on the CPU; 1: one
+    request at a time, the caller's thread computes; None: DEFAULT_PARALLEL where the engine batches
+    rows and lookup decoding is off, else 1, as `serve` chooses).
     """
     from sc2quant.core.console import console
     from sc2quant.core.hf import COMPUTE_DTYPES, read_config, resolve_device
@@ -150,7 +88,37 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
     opened = open_engine(chosen, kind, run_path, EngineOptions(device=device, threads=threads, dtype=dtype,
                                                                profile_dir=profile_dir, static_cache=static_cache))
     return Model(opened, source.path, manifest, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,
-                 lookup_tokens=lookup_tokens)
+                 lookup_tokens=lookup_tokens, parallel=parallel)
+
+
+def auto_rows(engine: Any) -> int:
+    """DEFAULT_PARALLEL rows where the engine batches them, fewer where their KV would not fit (at most 80 %
+    of the memory available, each row holding keys and values for the whole context), at least 1."""
+    from sc2quant.core.system import available_memory
+
+    if not hasattr(engine, "pool") or engine.device != "cpu":
+        return 1
+    free = available_memory()
+    fits = DEFAULT_PARALLEL if free is None else int(0.8 * free // max(engine.min_state_bytes(), 1))
+    return max(1, min(DEFAULT_PARALLEL, fits))
+
+
+def open_slots(model: Model, rows: int) -> Any:
+    """The rows of continuous batching (runtime/slots.py): the ONNX engine on the CPU, its KV for `rows`
+    whole contexts held at once, refused in one line where that cannot fit in the memory available."""
+    from sc2quant.core.system import available_memory
+    from sc2quant.runtime.slots import Slots
+
+    engine: Any = model.engine
+    if not hasattr(engine, "pool") or engine.device != "cpu":
+        raise UserError(f"--parallel {rows} batches requests on the ONNX engine on the CPU; this model runs in "
+                        f"{engine.name} on {engine.device}: give --parallel 1 (one request at a time)")
+    need, free = rows * engine.min_state_bytes(), available_memory()
+    if free is not None and need > 0.8 * free:
+        raise UserError(f"--parallel {rows} needs {need / 2**30:.2f} GiB of keys and values ({rows} rows x the whole "
+                        f"{engine.context:,}-token context x {engine.num_layers} layers) but only "
+                        f"{free / 2**30:.2f} GiB of memory is available: give a smaller --parallel")
+    return Slots(engine, rows, model.tokenizer, model.stop_ids, model.prefix_cache, model.prefill_chunk)
 
 
 def check_lookup(engine: dict[str, Any], manifest: artifact.Manifest | None) -> None:
@@ -163,8 +131,15 @@ def check_lookup(engine: dict[str, Any], manifest: artifact.Manifest | None) -> 
 
 
 def check_reuse(prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFAULT_CHUNK,
-                lookup_tokens: int = DEFAULT_LOOKUP) -> None:
+                lookup_tokens: int = DEFAULT_LOOKUP, parallel: int | None = 1) -> None:
     """The prompt-reuse options of `load` (the server checks them before it binds)."""
+    if parallel is None:
+        return
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UserError(f"parallel rows must be 1 to {MAX_PARALLEL}, got {parallel}")
+    if parallel > 1 and lookup_tokens:
+        raise UserError("lookup decoding drafts for one request at a time: give --lookup-tokens 0 with --parallel "
+                        f"{parallel}, or --parallel 1")
     if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
         raise UserError(f"the prompt cache must be 0 (no prompt reuse) or more, got {prefix_cache_bytes} bytes")
     if prefill_chunk < 1:
@@ -226,8 +201,10 @@ class Model:
 
     def __init__(self, engine: Engine, path: Path, manifest: artifact.Manifest | None = None,
                  prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFAULT_CHUNK,
-                 lookup_tokens: int = DEFAULT_LOOKUP) -> None:
-        check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens)
+                 lookup_tokens: int = DEFAULT_LOOKUP, parallel: int | None = 1) -> None:
+        check_reuse(prefix_cache_bytes, prefill_chunk, lookup_tokens, parallel)
+        if parallel is None:  # rows where the engine batches them (the ONNX engine on the CPU), else one at a time
+            parallel = auto_rows(engine) if not lookup_tokens else 1
         self.engine = engine
         # prompt reuse and chunked prefill where the engine can extend a cached sequence (runtime/prefix.py)
         slot = engine.min_state_bytes() if extendable(engine) else 0  # type: ignore[attr-defined]
@@ -250,6 +227,7 @@ class Model:
         self.tokenizer = engine.tokenizer
         self.context = engine.context
         self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} - {None}
+        self.slots = open_slots(self, parallel) if parallel > 1 else None
 
     @property
     def kind(self) -> str:
@@ -268,12 +246,16 @@ class Model:
 
     def stream_generate(self, prompt: Prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
-                        suffix: str | None = None) -> Iterator[Chunk]:
+                        suffix: str | None = None, background: bool = False) -> Iterator[Chunk]:
         """Generate for one prompt or several (of any lengths), yielding `Chunk`s as text is decoded.
 
         A prompt is text (special-token strings in it are recognised) or a list of token ids.
         suffix: fill-in-the-middle; every prompt is the code before the gap, `suffix` the code after
-        (both read as plain text).
+        (both read as plain text). background: with `parallel` rows, admitted after interactive requests
+        (an editor's cache warm-up).
+        With `parallel` rows, every prompt of every caller is decoded together with the others at each
+        step (several threads may call at once); a chunk with empty text and no finish reason may come
+        while a prompt waits for a row.
         Every check (sampling values, empty, non-UTF-8 or too long prompts) happens before the
         first chunk, so a caller can refuse a request before it starts streaming anything.
         """
@@ -286,6 +268,8 @@ class Model:
         longest = max(len(p) for p in ids)
         if longest >= self.context:
             raise UserError(f"the prompt has {longest} tokens but the model's context is {self.context}: shorten it")
+        if self.slots is not None:
+            return self.slots.submit(ids, sampling, sampling.max_new_tokens, background)
         return self._decode(ids, sampling)
 
     def generate(self, prompt: Prompts, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -317,7 +301,7 @@ class Model:
         seed = s.resolved_seed()
         gen = np.random.default_rng(seed)
         budget = min(s.max_new_tokens, self.context - max(len(p) for p in prompts))
-        rows = [_Row(len(p), s.stop) for p in prompts]
+        rows = [RowText(len(p), s.stop) for p in prompts]
         kv_ids, cached = None, 0  # one prompt on an Extendable engine: the token ids its KV holds
         drafter = None  # lookup decoding: greedy, one prompt, an Extendable engine
         if len(prompts) == 1 and extendable(self.engine):
@@ -338,7 +322,7 @@ class Model:
         try:
             for n in range(budget):
                 drafted_token = bool(pending)  # its keys and values are in the state, and the logits after it
-                tokens = np.array([pending.pop(0)]) if pending else self._sample(logits, s, gen)
+                tokens = np.array([pending.pop(0)]) if pending else sample(logits, s, gen)
                 for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
                     if row.finish is None:
                         piece = row.add(tok, tok in self.stop_ids, self.tokenizer)
@@ -387,47 +371,3 @@ class Model:
         if kept < len(draft):
             engine.truncate(state, before + 1 + kept)
         return draft[:kept], following
-
-    @staticmethod
-    def _sample(logits: np.ndarray, s: Sampling, gen: np.random.Generator) -> np.ndarray:
-        """One token id per row of logits [B, V]: the largest (greedy), or drawn from the softmax at the
-        temperature within the top_p nucleus (float64: no underflow to an empty nucleus)."""
-        if s.temperature == 0:
-            return logits.argmax(-1)
-        z = logits.astype(np.float64) / s.temperature
-        probs = np.exp(z - z.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        if s.top_p < 1:
-            order = np.argsort(-probs, axis=-1, kind="stable")
-            sorted_p = np.take_along_axis(probs, order, -1)
-            keep = np.cumsum(sorted_p, -1) - sorted_p < s.top_p
-            keep[:, 0] = True  # the top token, whatever top_p rounds to
-            probs = np.zeros_like(probs)
-            np.put_along_axis(probs, order, sorted_p * keep, -1)
-        cdf = np.cumsum(probs, -1)
-        draws = gen.random(len(cdf)) * cdf[:, -1]
-        return np.array([min(int(np.searchsorted(c, u, side="right")), len(c) - 1) for c, u in zip(cdf, draws)])
-
-
-class _Row:
-    """One row's completion: its tokens and its stop filter."""
-
-    def __init__(self, prompt_tokens: int, stop: tuple[str, ...]) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.filter = StopFilter(stop)
-        self.ids: list[int] = []
-        self.finish: str | None = None
-
-    def add(self, token: int, is_stop_token: bool, tokenizer: Any) -> str:
-        if is_stop_token:
-            self.finish = "stop"
-            return self.flush(tokenizer)
-        self.ids.append(token)
-        piece = self.filter.feed(tokenizer.decode(self.ids, skip_special_tokens=False))
-        if self.filter.stopped:
-            self.finish = "stop"
-        return piece
-
-    def flush(self, tokenizer: Any) -> str:
-        """The end of the row: everything not yet sent (a held-back partial stop string included)."""
-        return self.filter.flush(tokenizer.decode(self.ids, skip_special_tokens=False))

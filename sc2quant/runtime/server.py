@@ -348,8 +348,8 @@ def create_app(backend: Backend | Loading, model_name: str, limits: Limits = Lim
         except Unavailable as exc:
             return error(503, str(exc), kind="server_error", code="engine_unavailable")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        n_predict = MAX_TOKENS_LIMIT if req.n_predict < 0 else max(1, req.n_predict)  # 0: fill the cache only
-        request_ = Request([ids], n_predict, req.temperature, req.top_p, stop, req.seed, None)
+        n_predict = MAX_TOKENS_LIMIT if req.n_predict < 0 else max(1, req.n_predict)  # 0: fill the cache, in the background
+        request_ = Request([ids], n_predict, req.temperature, req.top_p, stop, req.seed, None, {"background": not req.n_predict})
         timer = InfillTimer(req.t_max_predict_ms, keep=req.n_predict != 0, truncated=truncated)
         if req.stream:
             return await run(request_, request, lambda job: JobStream(job, timer.events(_until_cut(job, drain), job)),

@@ -42,6 +42,36 @@ class OnnxState:
     buffers: dict[str, Any]  # past name -> OrtValue (also bound as the matching present output)
     binding: Any
     logits: dict[tuple[int, int], Any] = field(default_factory=dict)  # preallocated logits by (B, S)
+    arrays: dict[str, np.ndarray] | None = None  # on the CPU: the numpy arrays the cache buffers are made from
+
+
+@dataclass
+class RowPool:
+    """Rows sharing one cache buffer per layer (`OnnxEngine.pool`): a batch-1 state per row, and the
+    states spanning several rows that batched decode steps run on (made once per span)."""
+
+    arrays: dict[str, np.ndarray]  # past name -> [rows, kv_heads, context, head]
+    states: list[OnnxState]
+    spans: dict[tuple[int, int], OnnxState] = field(default_factory=dict)
+
+    def span(self, engine: OnnxEngine, lo: int, hi: int) -> OnnxState:
+        if (lo, hi) not in self.spans:
+            self.spans[(lo, hi)] = engine._new_state([0] * (hi - lo + 1),
+                                                     {n: a[lo: hi + 1] for n, a in self.arrays.items()})
+        return self.spans[(lo, hi)]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _pages(shape: list[int], dtype: Any) -> np.ndarray:
+    """A zeroed array in pages of its own (an anonymous mapping, resident only where written): returned to
+    the system when the last reference goes, where the heap would keep it. glibc serves blocks of a few
+    MiB from its heap once its mmap threshold has risen, and a stream of kept and evicted prompt caches
+    then fragments it: measured 2.5x --prompt-cache-mb of RSS under a flood of distinct prompts, flat at
+    the cache's bytes with mappings."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
 class OnnxEngine:
@@ -183,16 +213,70 @@ class OnnxEngine:
             raise UserError(f"{GENAI_CONFIG} in {self.path} says {self.num_layers} layers but the graph has "
                             f"{len(pasts) // 2}: re-export the model")
 
-    def _new_state(self, lengths: list[int]) -> OnnxState:
+    def _new_state(self, lengths: list[int], arrays: dict[str, np.ndarray] | None = None) -> OnnxState:
+        """A state over new cache buffers, or over `arrays` (rows of a pool's buffers: shared memory)."""
         import onnxruntime as ort
 
         shape = [len(lengths), self.kv_heads, self.context_length, self.head_size]
-        buffers = {name: self._buffer(ort, shape, self.cache_dtype) for name in self.past_names}
+        if arrays is None and self._ort_device == "cpu":
+            arrays = {name: _pages(shape, self.cache_dtype) for name in self.past_names}
+        if arrays is not None:
+            buffers = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        else:
+            buffers = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self._ort_device, 0)
+                       for name in self.past_names}
         binding = self.session.io_binding()
         for name, buf in buffers.items():  # past and present are one buffer: updated in place
             binding.bind_ortvalue_input(name, buf)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
-        return OnnxState(lengths=list(lengths), buffers=buffers, binding=binding)
+        return OnnxState(lengths=list(lengths), buffers=buffers, binding=binding, arrays=arrays)
+
+    # --- rows sharing one set of cache buffers (runtime/slots.py) --------------------------------
+
+    def pool(self, rows: int) -> RowPool:
+        """`rows` batch-1 states whose caches are the rows of one [rows, kv_heads, context, head] buffer per
+        layer: each row prefills (extend) on its own, in place; `step_rows` decodes several in one forward.
+        CPU only (the buffers are numpy arrays in pages of their own)."""
+        if self._ort_device != "cpu":
+            raise UserError("several rows in one batch (--parallel) run on the CPU only: use --parallel 1 on CUDA")
+        shape = [rows, self.kv_heads, self.context_length, self.head_size]
+        arrays = {name: _pages(shape, self.cache_dtype) for name in self.past_names}
+        states = [self._new_state([0], {n: a[r: r + 1] for n, a in arrays.items()}) for r in range(rows)]
+        return RowPool(arrays, states)
+
+    def step_rows(self, pool: RowPool, rows: list[int], tokens: list[int]) -> np.ndarray:
+        """One decode step for `rows` (one token each) in one forward: float32 logits [len(rows), V].
+
+        GroupQueryAttention takes a batch of rows that each decode one token, over one contiguous buffer,
+        so the forward spans rows min..max; a row in that span that is not decoding runs a padding token
+        written after its cached positions (its length is left as it was: nothing it keeps is touched).
+        MatMulNBits reads the weights once for all the rows."""
+        lo, hi = min(rows), max(rows)
+        span = pool.span(self, lo, hi)
+        lengths, ids = [], np.zeros((hi - lo + 1, 1), dtype=np.int64)
+        for r in range(lo, hi + 1):
+            length = pool.states[r].lengths[0]
+            if length >= self.context_length:
+                raise UserError(f"row {r} holds the whole context: it cannot take a padding token")
+            lengths.append(length + 1)
+        for r, tok in zip(rows, tokens):
+            ids[r - lo, 0] = tok
+            pool.states[r].lengths = [pool.states[r].lengths[0] + 1]
+        logits = self._run(span, ids, lengths)
+        return logits[[r - lo for r in rows], -1].astype(np.float32)
+
+    def copy_positions(self, src: OnnxState, dst: OnnxState, length: int) -> None:
+        """Copy the first `length` positions of a batch-1 state's keys and values into another's (a row
+        given up kept in the prompt cache, or an entry of the cache loaded into a row)."""
+        if src.arrays is None or dst.arrays is None:
+            raise UserError("copying cached positions between states runs on the CPU only")
+        for name in self.past_names:
+            dst.arrays[name][:, :, :length] = src.arrays[name][:, :, :length]
+        dst.lengths = [length]
+
+    def new_state(self) -> OnnxState:
+        """An empty batch-1 state with buffers of its own."""
+        return self._new_state([0])
 
     def _run(self, state: OnnxState, ids: np.ndarray, lengths: list[int]) -> np.ndarray:
         """One forward of `ids` [B, S]; each row's total length (cache + new) is `lengths`."""
@@ -222,16 +306,10 @@ class OnnxEngine:
         return state.logits[key]
 
     def _buffer(self, ort: Any, shape: list[int], dtype: Any) -> Any:
-        """An output or cache buffer. On the CPU, in pages of its own (an anonymous mapping, zero until
-        written): returned to the system when the last reference goes, where the heap would keep it. glibc
-        serves blocks of a few MiB from its heap once its mmap threshold has risen, and a stream of kept and
-        evicted prompt caches then fragments it: measured 2.5x --prompt-cache-mb of RSS under a flood of
-        distinct prompts, flat at the cache's bytes with mappings."""
+        """An output buffer: on the CPU in pages of its own (`_pages`)."""
         if self._ort_device != "cpu":
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self._ort_device, 0)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        pages = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
-        return ort.OrtValue.ortvalue_from_numpy(pages.view(dtype).reshape(shape))  # keeps the array alive
+        return ort.OrtValue.ortvalue_from_numpy(_pages(shape, dtype))  # keeps the array alive
 
 
 def _resolve_device(device: str) -> str:
