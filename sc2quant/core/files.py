@@ -101,7 +101,7 @@ def known_sha256(path: Path) -> str:
     record = folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
     try:
         if _private(folder) and _private(folder.parent):
-            known = json.loads(record.read_text())
+            known = json.loads(_read_private(record))
             if known["stat"] == ident and isinstance(known["sha256"], str):
                 return known["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -112,12 +112,25 @@ def known_sha256(path: Path) -> str:
         try:
             folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.mkdir(mode=0o700, exist_ok=True)
-            part.write_text(json.dumps({"stat": ident, "sha256": digest, "path": str(path)}))
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)  # whatever the umask
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps({"stat": ident, "sha256": digest, "path": str(path)}))
             part.replace(record)
         except OSError:  # a read-only cache: hashed again next time
             with contextlib.suppress(OSError):
                 part.unlink(missing_ok=True)
     return digest
+
+
+def _read_private(file: Path) -> str:
+    """The text of a record file that is this user's and that no one else can write (a link, another
+    user's file or one others can write is refused: OSError), read from the file checked."""
+    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise PermissionError(f"{file} is not a private file of this user")
+        return fh.read()
 
 
 def _private(folder: Path) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -77,7 +78,10 @@ def note(text: str) -> None:
 
 
 def one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """`text` on one line, without the source locations ONNX Runtime puts in its errors ("/onnxruntime_src/
+    onnxruntime/core/graph/graph.cc:5543 Status Graph::...")."""
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^\n]*\) ", "", str(text))
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _unwritable(root: Path, private: bool = False) -> str | None:

@@ -31,6 +31,13 @@ from sc2quant.core.errors import UserError
 
 Scope = dict[str, Any]
 # what a body that cannot be parsed gets (the JSON parser's own errors are answered by the app: "not valid JSON")
+# vLLM's and llama-server's sampling and output fields /v1/completions does not apply (the OpenAI ones it does
+# not apply are declared on the request: logit_bias, penalties, logprobs, best_of)
+NOT_APPLIED = {"min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "typical_p": (1,), "mirostat": (0,),
+               "ignore_eos": (False,), "stop_token_ids": ([],), "response_format": ({"type": "text"},),
+               "prompt_logprobs": (), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+               "structured_outputs": (), "grammar": (), "json_schema": (), "use_beam_search": (False,),
+               "length_penalty": (1,), "include_stop_str_in_output": (False,)}
 NOT_UTF8_JSON = "request body is not valid UTF-8 JSON (or nests deeper, or holds a longer number, than a request can)"
 
 
@@ -40,7 +47,8 @@ class ApiBody(BaseModel):
     meaning), booleans declared strict where they are (`StrictBool`)."""
 
     model_config = ConfigDict(extra="ignore")
-    # fields other servers apply that this one does not: refused unless absent, null or their neutral value
+    # fields other servers apply that this one does not: refused unless absent, null or a neutral value
+    # (none: refused whatever the value)
     not_applied: typing.ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")
@@ -50,7 +58,8 @@ class ApiBody(BaseModel):
             return data
         for name, neutral in cls.not_applied.items():
             if data.get(name) is not None and data[name] not in neutral:
-                raise ValueError(f"{name} is not applied by this server: drop it (or send {neutral[0]})")
+                raise ValueError(f"{name} is not applied by this server: drop it"
+                                 + (f" (or send {json.dumps(neutral[0])})" if neutral else ""))
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or type(None) in typing.get_args(cls.model_fields[k].annotation)}
 
@@ -186,6 +195,10 @@ class BodyGuard:
 
 
 def _utf8(body: bytearray) -> bool:
+    """UTF-8, and no NUL byte: JSON escapes every control character, and ASCII JSON in UTF-16 without a
+    BOM is valid UTF-8 full of NULs, which Python's json would read as UTF-16."""
+    if b"\x00" in body:
+        return False
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:

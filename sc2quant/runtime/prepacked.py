@@ -176,8 +176,8 @@ def _mismatch(entry: Path, made_from: dict[str, str]) -> str | None:
     """What is wrong with cache entry `entry` (None: nothing): a folder others can write, no record, a
     record of another artifact, ORT or CPU, or files that do not match their recorded checksums (taken
     from the unchanged-file records: hashed only when changed since they were last hashed)."""
-    if (problem := shared(entry)) is not None:
-        return f"are in a folder others can write ({problem})"
+    if (problem := shared(entry, *(entry / name for name in (MANIFEST, GRAPH, DATA)))) is not None:
+        return f"are in a folder or files others can write ({problem})"
     try:
         record = json.loads((entry / MANIFEST).read_text())
         built, files = record["artifact"], record["files"]
@@ -242,8 +242,8 @@ def _build(model_file: Path, entry: Path, made_from: dict[str, str], options: Ca
                 with contextlib.suppress(OSError):  # marked until renamed: never swept while being built
                     (entry / artifact.PID_FILE).unlink()
                 if not quiet:
-                    note(f"prepared {model_file.parent.name}'s int4 weights for this CPU once (saved in {entry}; "
-                         "later loads map them)")
+                    note(f"prepared {model_file.parent.name}'s weights in ONNX Runtime's layout for this CPU once "
+                         f"(saved in {entry}; later loads map them)")
             except (OSError, UserError) as exc:  # a full disk, a leftover entry that could not be removed: it runs anyway
                 note(f"not saving prepacked weights ({(exc.strerror or exc) if isinstance(exc, OSError) else exc})")
         return made

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sc2quant.core.errors import UserError
 from sc2quant.runtime import MAX_TEMPERATURE, Chunk
 from sc2quant.runtime.backends import Backend, Request, Stream, Unavailable, add_chunk, new_row
-from sc2quant.runtime.http_guard import NOT_UTF8_JSON, ApiBody
+from sc2quant.runtime.http_guard import NOT_APPLIED, NOT_UTF8_JSON, ApiBody
 from sc2quant.runtime.infill import InfillRequest, InfillTimer, infill_ids
 
 MAX_BODY_BYTES = 1 << 20
@@ -75,7 +75,7 @@ class StreamOptions(ApiBody):
 
 
 class CompletionRequest(ApiBody):
-    not_applied = {"min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "typical_p": (1,)}  # vLLM's
+    not_applied = NOT_APPLIED  # vLLM's and llama-server's (http_guard)
     model: str | None = None
     prompt: str | list[str]
     suffix: str | None = None
@@ -99,7 +99,7 @@ class CompletionRequest(ApiBody):
     def _refuse_what_is_not_done(self) -> CompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options applies to streamed requests only: add \"stream\": true or drop it")
-        if self.logprobs:
+        if self.logprobs is not None:  # 0 asks for the chosen tokens' own
             raise ValueError("logprobs are not computed by this server: drop logprobs")
         if self.best_of != 1:
             raise ValueError("best_of must be 1 (one completion per prompt): drop it")

@@ -185,7 +185,8 @@ class Slots:
             if not idle:
                 return
             job = self.waiting.pop(0)
-            shares = {i: common_prefix(self.rows[i].kv_ids, job.ids) for i in idle}
+            # prompt reuse off (--prompt-cache-mb 0): no row's prompt is reused either
+            shares = {i: common_prefix(self.rows[i].kv_ids, job.ids) if self.cache is not None else 0 for i in idle}
             best = max(idle, key=lambda i: (shares[i], -self.rows[i].used))
             if shares[best] <= MIN_SHARE * len(job.ids):  # no row of its own: the least recently used one
                 best = min(idle, key=lambda i: self.rows[i].used)

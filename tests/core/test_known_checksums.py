@@ -149,3 +149,25 @@ def test_records_under_a_cache_root_others_can_write_are_not_believed(tmp_path, 
     os.chmod(root, mode)
     files.known_sha256(f)
     assert len(counted) == 2
+
+
+def test_a_record_file_others_can_write_is_not_believed_and_records_are_written_private(tmp_path, counted):
+    """Found by the red team: under umask 000 the record files were world-writable inside a private
+    folder, so another user could forge one for a tampered file. Records are written 0600 whatever the
+    umask, and a record file another user could have written is not believed."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(1 << 12))
+    old = os.umask(0)
+    try:
+        files.known_sha256(f)
+    finally:
+        os.umask(old)
+    [record] = (tmp_path / "cache" / "verified").glob("*.json")
+    assert record.stat().st_mode & 0o777 == 0o600
+    files.known_sha256(f)
+    assert len(counted) == 1  # believed: its own private record
+    forged = json.loads(record.read_text())
+    forged["sha256"] = "0" * 64
+    record.write_text(json.dumps(forged))
+    record.chmod(0o666)  # as another user could have written it
+    assert files.known_sha256(f) == files.sha256_file(f) != "0" * 64

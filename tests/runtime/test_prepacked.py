@@ -303,7 +303,7 @@ def test_an_entry_edited_with_its_times_restored_is_caught_by_content(artifact_c
     assert f"prepacked weights in {entry} do not match their checksums" in line and line.endswith("rebuilding")
 
 
-@pytest.mark.parametrize("shared", ["cache root", "kind folder", "entry"])
+@pytest.mark.parametrize("shared", ["cache root", "kind folder", "entry", "entry file"])
 def test_a_cache_folder_others_can_write_is_not_trusted(artifact_copy, other_artifact, cache, monkeypatch, capsys,
                                                         shared):
     import onnxruntime as ort
@@ -314,7 +314,8 @@ def test_a_cache_folder_others_can_write_is_not_trusted(artifact_copy, other_art
     [other] = [e for e in _entries(cache) if e != entry]
     shutil.rmtree(entry)
     os.rename(other, entry)  # what another user could put there: the other export's weights, stamps and all
-    folder = {"cache root": cache, "kind folder": cache / prepacked.KIND, "entry": entry}[shared]
+    folder = {"cache root": cache, "kind folder": cache / prepacked.KIND, "entry": entry,
+              "entry file": entry / prepacked.DATA}[shared]  # a file others can write (the red team's)
     os.chmod(folder, 0o777)
     opened: list[str] = []
     real = ort.InferenceSession
@@ -326,7 +327,7 @@ def test_a_cache_folder_others_can_write_is_not_trusted(artifact_copy, other_art
         os.chmod(folder, 0o700)
     [line] = _lines(capsys.readouterr().err)
     assert "other users can write" in line and str(folder) in line
-    if shared == "entry":  # in a private kind folder: ours to remove and build again
+    if shared in ("entry", "entry file"):  # in a private kind folder: ours to remove and build again
         assert line.endswith("rebuilding")
         assert json.loads((entry / prepacked.MANIFEST).read_text())["source"] == str(artifact_copy.resolve())
     else:  # nothing in the cache is used, nothing there is touched
@@ -346,3 +347,13 @@ def test_a_multiline_os_error_is_one_line(artifact_copy, cache, monkeypatch, cap
     assert line.startswith("not saving prepacked weights (Input/output error at block 7") and line.endswith(")")
     monkeypatch.setenv("SC2QUANT_PREPACKED", "0")
     assert np.array_equal(_outputs(artifact_copy), reference)
+
+
+def test_onnx_runtimes_source_locations_are_not_in_the_one_line():
+    """Found by the red team: a failed save (ulimit -f) said ONNX Runtime's C++ file, line and signature."""
+    from sc2quant.runtime.cache import one_line
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/graph.cc:5543 Status "
+           "onnxruntime::Graph::ToGraphProtoWithExternalInitializers(const std::filesystem::path&) const) Write failed:"
+           " File too large\n")
+    assert one_line(raw) == "[ONNXRuntimeError] : 1 : FAIL : Write failed: File too large"

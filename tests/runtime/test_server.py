@@ -227,7 +227,9 @@ def test_echo_head_and_a_deep_body(server):
     ({"frequency_penalty": -0.5}, "frequency_penalty"), ({"top_k": 200}, "top_k"),
     ({"top_k": 1, "temperature": 0.7}, "top_k"), ({"logit_bias": {"1": 0, "2": 3}}, "logit_bias"),
     ({"min_p": 0.1}, "min_p"), ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": 5}, "min_tokens"),
-    ({"typical_p": 0.9}, "typical_p"),
+    ({"typical_p": 0.9}, "typical_p"), ({"mirostat": 2}, "mirostat"), ({"ignore_eos": True}, "ignore_eos"),
+    ({"stop_token_ids": [5]}, "stop_token_ids"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_regex": "a"}, "guided_regex"), ({"prompt_logprobs": 1}, "prompt_logprobs"), ({"logprobs": 0}, "logprobs"),
 ])
 def test_sampling_options_not_applied_are_refused_naming_the_field(server, body, field):
     """Found by the red team: logit_bias, presence/frequency penalties and top_k were accepted and changed nothing."""
@@ -240,16 +242,19 @@ def test_sampling_options_not_applied_are_refused_naming_the_field(server, body,
     {"logit_bias": {}}, {"logit_bias": None}, {"logit_bias": {"50256": 0}}, {"presence_penalty": 0},
     {"frequency_penalty": 0.0}, {"top_k": 0}, {"top_k": -1}, {"top_k": 40, "temperature": 0}, {"user": "me"},
     {"seed": 7}, {"min_p": 0}, {"repetition_penalty": 1.0}, {"min_tokens": 0}, {"typical_p": None},
+    {"ignore_eos": False}, {"stop_token_ids": []}, {"response_format": {"type": "text"}}, {"logprobs": None},
 ])
 def test_neutral_values_of_those_options_are_accepted(server, body):
     r = httpx.post(server + "/v1/completions", json={"prompt": "def f(", "max_tokens": 2, **body}, timeout=60)
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1"])
-def test_every_body_that_is_not_utf8_is_refused_alike(server, encoding):
-    """Found by the red team: a UTF-16 body was accepted (Python's json reads it), other non-UTF-8 bodies refused."""
-    body = json.dumps({"prompt": "def f(é", "max_tokens": 2}, ensure_ascii=False).encode(encoding)
+@pytest.mark.parametrize("encoding,text", [(e, "def f(é") for e in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1")]
+                         + [(e, "def f(x):") for e in ("utf-16-le", "utf-16-be", "utf-32-le")])
+def test_every_body_that_is_not_utf8_is_refused_alike(server, encoding, text):
+    """Found by the red team: a UTF-16 body was accepted (Python's json reads it), other non-UTF-8 bodies refused;
+    then ASCII JSON in UTF-16 without a BOM (valid UTF-8 bytes, full of NULs) was still read as UTF-16."""
+    body = json.dumps({"prompt": text, "max_tokens": 2}, ensure_ascii=False).encode(encoding)
     utf8 = httpx.post(server + "/v1/completions", content=b'{"prompt": "\xff", "max_tokens": 2}', timeout=60)
     for route in ("/v1/completions", "/infill"):
         r = httpx.post(server + route, content=body, headers={"content-type": "application/json"}, timeout=60)

@@ -172,3 +172,11 @@ def test_what_cannot_work_is_refused_in_one_line(onnx_int4_artifact, onnx_fp32_a
     assert "\n" not in str(err.value)
     auto = load(onnx_int4_artifact, parallel=None)  # the default where it would not fit: fewer rows, not a refusal
     assert auto.slots is None or auto.slots.describe()["rows"] * auto.engine.min_state_bytes() <= 0.8 * (8 << 20)
+
+
+def test_no_prompt_reuse_means_none_in_the_rows_either(onnx_int4_artifact):
+    """Found by the red team: with --prompt-cache-mb 0 the rows still reused the prompts they held."""
+    model = load(onnx_int4_artifact, parallel=2, prefix_cache_bytes=0)
+    prompt = _texts(model, 1, 300)[0]
+    for _ in range(2):
+        assert list(model.stream_generate(prompt, max_new_tokens=2))[-1].cached_tokens == 0
