@@ -360,7 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=12)
     ap.add_argument("--work", type=Path, default=None, help="keep exports and GGUFs here (default: a temporary dir)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--parallel", default="", help="also `sc2quant serve --parallel N` for each N (comma-separated): "
+                    "the sweep --parallel's default was chosen from")
+    ap.add_argument("--no-cache-row", action="store_true", help="skip `--prompt-cache-mb 0` (the cache's gain)")
     a = ap.parse_args(argv)
+    for n in filter(None, a.parallel.split(",")):
+        SC2QUANT[f"sc2quant serve --parallel {int(n)}"] = ["--parallel", str(int(n))]
+    if a.no_cache_row:
+        SC2QUANT.pop(NO_CACHE)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
                               "rounds": a.rounds, "lines": a.lines, "models": {},
                               "command": "python -m bench.editor " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -175,7 +175,7 @@ class LocalBackend:
         self.stopping.set()  # every running generation stops at its next token
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.model.slots is not None:
-            self.model.slots.close()
+            self.model.slots.close(wait=10)
 
 
 __all__ = ["Backend", "Job", "LocalBackend", "Request", "Stream", "Unavailable", "UserError"]

@@ -139,7 +139,7 @@ def check_reuse(prefix_cache_bytes: int | None = None, prefill_chunk: int = DEFA
         raise UserError(f"parallel rows must be 1 to {MAX_PARALLEL}, got {parallel}")
     if parallel > 1 and lookup_tokens:
         raise UserError("lookup decoding drafts for one request at a time: give --lookup-tokens 0 with --parallel "
-                        f"{parallel}, or --parallel 1")
+                        f"{parallel}, or --parallel 1 (on a model computing in fp32)")
     if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
         raise UserError(f"the prompt cache must be 0 (no prompt reuse) or more, got {prefix_cache_bytes} bytes")
     if prefill_chunk < 1:

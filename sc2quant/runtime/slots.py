@@ -21,9 +21,11 @@ of another shape (see the README's statement and tests/runtime/test_slots.py).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,15 @@ import numpy as np
 from sc2quant.core.errors import UserError
 from sc2quant.runtime.prefix import MIN_SHARE, PrefixCache, common_prefix
 from sc2quant.runtime.sampling import Chunk, RowText, Sampling, sample
+
+_LIVE: weakref.WeakSet[Slots] = weakref.WeakSet()  # closed and joined at exit (see Slots.close)
+
+
+@atexit.register
+def _close_all() -> None:
+    for slots in list(_LIVE):
+        slots.close(wait=30)
+
 
 HEARTBEAT_S = 0.05  # a waiting caller gets an empty chunk this often: a place to notice it was cancelled
 _END = object()
@@ -89,6 +100,7 @@ class Slots:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="sc2quant-slots", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # --- callers ---------------------------------------------------------------------------
 
@@ -133,10 +145,14 @@ class Slots:
             return {"rows": len(self.rows), "busy": sum(r.job is not None for r in self.rows),
                     "waiting": len(self.waiting) + len(self._arrivals), "kv_bytes": self.pool.nbytes()}
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
+        """Stop the loop (every request in flight gets an error); wait: seconds to let a forward in progress
+        end (the interpreter must not finalize while the loop's thread is inside ONNX Runtime: it aborts)."""
         with self._cv:
             self._closed = True
             self._cv.notify()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -245,12 +261,16 @@ class Slots:
                 self.rows[i].job.logits = row_logits  # type: ignore[union-attr]
 
     def _prefill(self) -> None:
+        """Prefill chunks, interactive prompts first, until `budget` tokens ran (one chunk at least). A prompt
+        is cut into the chunks it would get alone (`prefix.prefill`'s, from the position its reuse starts at),
+        whatever runs beside it: with int8 activations the chunks' shapes round differently, and a prompt's
+        keys and values must not depend on its companions (a seeded sample would)."""
         budget = self.budget
         filling = sorted((r.job for r in self.rows if r.job is not None and r.job.done < len(r.job.ids)),
                          key=lambda j: (j.background, j.order))
         for job in filling:
             left = len(job.ids) - job.done
-            n = left if left <= budget + 1 else budget  # never a one-token chunk last (prefix.prefill)
+            n = left if left <= self.budget + 1 else self.budget  # never a one-token chunk last (prefix.prefill)
             piece = job.ids[job.done: job.done + n]
             logits = self.engine.extend(self.pool.states[job.slot], piece)
             self.rows[job.slot].kv_ids += piece  # type: ignore[index]
@@ -258,5 +278,5 @@ class Slots:
             if job.done == len(job.ids):
                 job.logits = logits[0]
             budget -= n
-            if budget <= 0:
+            if budget <= 0:  # decoding rows wait one chunk at most
                 return
