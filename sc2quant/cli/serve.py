@@ -50,8 +50,9 @@ def serve_cmd(
         help="Rows generated together (continuous batching, as llama-server's slots): each step decodes one token "
              "of every generating row in one forward and prefills a chunk of a waiting prompt; an idle row keeps its "
              "prompt for the next request sharing it. ONNX exports on the CPU; 1: one request at a time. "
-             "[default: 4 where the model runs in ONNX Runtime on the CPU (the fastest of 1-8 for four editors on 2 "
-             "cores, bench/editor.py), else 1]", show_default=False)] = None,
+             "[default: 4 where the model runs in ONNX Runtime on the CPU, else 1: four editors on 2 cores got "
+             "their first token 1.5x sooner than with --parallel 1, and --parallel 8 was within the rounds' spread "
+             "of 4 with twice the memory (bench/results/2026-12-08-avx512-editor-4session.md)]", show_default=False)] = None,
     concurrency: Annotated[int, typer.Option(help="Requests generating at once (with --parallel: at least its rows).")] = 1,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429.")] = 16,
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more get 503.")] = 64,

@@ -27,7 +27,7 @@ from sc2quant.runtime.sampling import Chunk, RowText, Sampling, sample
 DEFAULT_LOOKUP = 0  # draft tokens per lookup (0: off); see bench/editor.py
 MAX_LOOKUP = 32
 MAX_PARALLEL = 64
-DEFAULT_PARALLEL = 4  # serve's rows: the fastest of 1-8 for four editors on 2 cores (bench/editor.py)
+DEFAULT_PARALLEL = 4  # serve's rows: 8 was no faster for four editors on 2 cores (bench/results/*-editor-4session.md)
 
 
 @api_output("load")
