@@ -390,7 +390,8 @@ def parallel_sweep() -> str:
                          "| | |")
     return "\n".join(lines) + (f"\n\n{result['rounds']} rounds, {result['machine']['cpu']}, {result['threads']} threads "
                                f"({link(PARALLEL_SWEEP, 'results')}). The 315M model's run against llama-server, "
-                               "where the targets are (first token and whole request at most 0.8x llama-server's), is still to be made.")
+                               "where the targets are (first token and whole request at most 0.8x llama-server's), "
+                               "is still to be made.")
 
 
 def prefill_text() -> str:
