@@ -22,6 +22,7 @@ of another shape (see the README's statement and tests/runtime/test_slots.py).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import queue
 import threading
@@ -119,19 +120,27 @@ class Slots:
         return self._stream(jobs, out)
 
     def _stream(self, jobs: list[Job], out: queue.SimpleQueue) -> Iterator[Chunk]:
+        """The jobs' chunks as they come; when nothing came for HEARTBEAT_S, an empty chunk repeating the
+        counts of a row still going (a place for the caller to notice it was cancelled)."""
         left = len(jobs)
+        going = {j.index: j.chunk("", None) for j in jobs}  # each unfinished row's last counts
         try:
             while left:
                 try:
                     item = out.get(timeout=HEARTBEAT_S)
                 except queue.Empty:
-                    yield Chunk(jobs[0].index, "", None, len(jobs[0].ids), 0, jobs[0].seed)  # nothing yet
+                    if going:
+                        yield dataclasses.replace(next(iter(going.values())), text="")
                     continue
                 if item is _END:
                     left -= 1
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    if item.finish_reason:
+                        going.pop(item.row, None)
+                    elif item.row in going:
+                        going[item.row] = item
                     yield item
         finally:
             if left:

@@ -224,3 +224,24 @@ def test_the_process_exits_cleanly_with_a_row_still_computing(onnx_int4_artifact
         done = subprocess.run([sys.executable, "-c", code, str(onnx_int4_artifact)], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr[-1000:]
+
+
+def test_a_waiting_callers_empty_chunks_repeat_a_rows_counts_and_never_reopen_a_finished_row(onnx_int4_artifact,
+                                                                                           monkeypatch):
+    """Found in review: the empty chunk a waiting caller gets (a place to notice a cancellation) named the
+    first prompt with zero tokens whatever had happened, so after that row finished a list request got a
+    chunk saying it was still going, and the server's usage figures went back to zero in between."""
+    import sc2quant.runtime.slots as slots
+
+    monkeypatch.setattr(slots, "HEARTBEAT_S", 1e-4)  # an empty chunk whenever nothing new is ready
+    model = load(onnx_int4_artifact, parallel=2)
+    short, long = _texts(model, 2, 20)[0], _texts(model, 2, 600)[1]
+    finished: dict[int, object] = {}
+    tokens: dict[int, int] = {0: 0, 1: 0}
+    for c in model.stream_generate([short, long], max_new_tokens=24):
+        assert c.row not in finished, (c, finished[c.row])  # nothing after a row's last chunk
+        assert c.completion_tokens >= tokens[c.row], c  # the counts never go back
+        tokens[c.row] = c.completion_tokens
+        if c.finish_reason:
+            finished[c.row] = c
+    assert set(finished) == {0, 1}
