@@ -91,33 +91,42 @@ def load(path: str | os.PathLike | None = None, device: str = "cpu", verify: boo
                  lookup_tokens=lookup_tokens, parallel=parallel)
 
 
-def auto_rows(engine: Any) -> int:
-    """DEFAULT_PARALLEL rows where the engine batches them, fewer where their KV would not fit (at most 80 %
-    of the memory available, each row holding keys and values for the whole context), at least 1."""
+KV_SHARE = 0.8  # of the memory available, what the batched rows' keys and values may take
+
+
+def _kv_room(engine: Any) -> tuple[bool, int | None, int | None]:
+    """Whether `engine` batches rows (the ONNX engine on the CPU), how many rows' keys and values (each the
+    whole context) fit in KV_SHARE of the memory available, and that memory (None: unknown)."""
     from sc2quant.core.system import available_memory
 
     if not hasattr(engine, "pool") or engine.device != "cpu":
-        return 1
+        return False, None, None
     free = available_memory()
-    fits = DEFAULT_PARALLEL if free is None else int(0.8 * free // max(engine.min_state_bytes(), 1))
-    return max(1, min(DEFAULT_PARALLEL, fits))
+    return True, None if free is None else int(KV_SHARE * free // max(engine.min_state_bytes(), 1)), free
+
+
+def auto_rows(engine: Any) -> int:
+    """DEFAULT_PARALLEL rows where the engine batches them, fewer where their keys and values would not fit,
+    at least 1."""
+    batches, fits, _ = _kv_room(engine)
+    return max(1, min(DEFAULT_PARALLEL, DEFAULT_PARALLEL if fits is None else fits)) if batches else 1
 
 
 def open_slots(model: Model, rows: int) -> Any:
     """The rows of continuous batching (runtime/slots.py): the ONNX engine on the CPU, its KV for `rows`
     whole contexts held at once, refused in one line where that cannot fit in the memory available."""
-    from sc2quant.core.system import available_memory
     from sc2quant.runtime.slots import Slots
 
     engine: Any = model.engine
-    if not hasattr(engine, "pool") or engine.device != "cpu":
+    batches, fits, free = _kv_room(engine)
+    if not batches:
         raise UserError(f"--parallel {rows} batches requests on the ONNX engine on the CPU; this model runs in "
                         f"{engine.name} on {engine.device}: give --parallel 1 (one request at a time)")
-    need, free = rows * engine.min_state_bytes(), available_memory()
-    if free is not None and need > 0.8 * free:
-        raise UserError(f"--parallel {rows} needs {need / 2**30:.2f} GiB of keys and values ({rows} rows x the whole "
-                        f"{engine.context:,}-token context x {engine.num_layers} layers) but only "
-                        f"{free / 2**30:.2f} GiB of memory is available: give a smaller --parallel")
+    if fits is not None and free is not None and rows > fits:
+        raise UserError(f"--parallel {rows} needs {rows * engine.min_state_bytes() / 2**30:.2f} GiB of keys and "
+                        f"values ({rows} rows x the whole {engine.context:,}-token context x {engine.num_layers} "
+                        f"layers) but only {free / 2**30:.2f} GiB of memory is available (they may take "
+                        f"{KV_SHARE:.0%}): give a smaller --parallel")
     return Slots(engine, rows, model.tokenizer, model.stop_ids, model.prefix_cache, model.prefill_chunk)
 
 
