@@ -329,21 +329,43 @@ def installs() -> str:
             f"(Sizes measured by `python -m bench.embed`, {link(EMBED, 'results')}.)")
 
 
-def editor_verdicts() -> list[Verdict]:
+def file_verdicts(name: str, model: str = "300m", label: str = "editor") -> list[Verdict]:
+    """Every target an editor results file scores, as `bench.editor` scores them: first token and whole
+    request against llama-server (bench.editor.TARGETS), the prompt cache's gain where measured, and with
+    rows batched (a `--parallel 1` row in the run) one editor against `--parallel 1` and several against
+    llama-server (TARGETS_BATCHED)."""
+    T, B = editor_bench.TARGETS, editor_bench.TARGETS_BATCHED
     out = []
-    for n, name in EDITOR.items():
-        s = load(name)["models"]["300m"]["runs"][str(n)]["summary"][editor_bench.MAIN]
-        who = "one editor" if n == 1 else f"{n} editors at once"
-        T = editor_bench.TARGETS
-        out.append(Verdict(f"editor, {who}: first token p50 ÷ llama-server", s["ttft_p50_vs_llama"][0],
-                           T["ttft_vs_llama"], False, name, tuple(s["ttft_p50_vs_llama"][1:])))
-        out.append(Verdict(f"editor, {who}: whole request p50 ÷ llama-server", s["latency_p50_vs_llama"][0],
-                           T["latency_vs_llama"], False, name, tuple(s["latency_p50_vs_llama"][1:])))
-        if n == 1:
-            out.append(Verdict(f"editor, {who}: first token gain from the prompt cache",
-                               s["ttft_gain_from_cache"][0], T["ttft_gain_from_cache"], True, name,
-                               tuple(s["ttft_gain_from_cache"][1:])))
+    for n, per in load(name)["models"][model]["runs"].items():
+        s, who = per["summary"][editor_bench.MAIN], f"{label}, {'one editor' if n == '1' else f'{n} editors at once'}"
+
+        def add(what: str, key: str, target: float, at_least: bool = False, s: dict = s, who: str = who) -> None:
+            out.append(Verdict(f"{who}: {what}", s[key][0], target, at_least, name, (s[key][1], s[key][2])))
+
+        add("first token p50 ÷ llama-server", "ttft_p50_vs_llama", T["ttft_vs_llama"])
+        add("whole request p50 ÷ llama-server", "latency_p50_vs_llama", T["latency_vs_llama"])
+        if "ttft_gain_from_cache" in s:
+            add("first token gain from the prompt cache", "ttft_gain_from_cache", T["ttft_gain_from_cache"], True)
+        if "ttft_p50_vs_parallel_1" in s:
+            for key, what in (("ttft_p50", "first token"), ("latency_p50", "whole request")):
+                if n == "1":
+                    add(f"rows batched, {what} p50 ÷ `--parallel 1`", f"{key}_vs_parallel_1", B["vs_parallel_1"])
+                else:
+                    add(f"rows batched, {what} p50 ÷ llama-server -np {n}", f"{key}_vs_llama",
+                        B[f"{key.split('_')[0]}_vs_llama"])
     return out
+
+
+def editor_verdicts() -> list[Verdict]:
+    return [v for name in EDITOR.values() for v in file_verdicts(name)]
+
+
+def verdict_lines(verdicts: list[Verdict]) -> str:
+    """The verdicts of one run, in words, misses first (under a table showing its figures)."""
+    return "Against the targets: " + "; ".join(f"{v.what} {_fmt_unit(v.unit)(v.value)} "
+                                               f"({'>=' if v.at_least else '<='} {_fmt_unit(v.unit)(v.target)}): "
+                                               f"{v.words()}"
+                                               for v in sorted(verdicts, key=lambda v: v.met)) + "."
 
 
 def editor_table() -> str:
@@ -392,30 +414,15 @@ def parallel_sweep() -> str:
             lines.append(f"| {name} (`-np 4`) | {s['ttft_p50'][0] * 1000:.0f} ms | {s['latency_p50'][0] * 1000:.0f} ms "
                          "| | |")
     return "\n".join(lines) + (f"\n\n{result['rounds']} rounds, {result['machine']['cpu']}, {result['threads']} threads "
-                               f"({link(PARALLEL_SWEEP, 'results')}).")
+                               f"({link(PARALLEL_SWEEP, 'results')}). The targets are set for the 315M model; "
+                               "scored here as the results file scores them: "
+                               + verdict_lines(file_verdicts(PARALLEL_SWEEP, "embedded", "embedded model")
+                                               ).removeprefix("Against the targets: "))
 
 
 def batched_verdicts() -> list[Verdict]:
-    """Continuous batching's targets on the 315M model: four editors against llama-server -np 4, one editor
-    against --parallel 1 (bench.editor.TARGETS_BATCHED)."""
-    if not (RESULTS / f"{BATCHED}.json").is_file():
-        return []
-    runs = load(BATCHED)["models"]["300m"]["runs"]
-    T = editor_bench.TARGETS_BATCHED
-    out = []
-    if "4" in runs:
-        s = runs["4"]["summary"][editor_bench.MAIN]
-        for key, what in (("ttft_p50", "first token"), ("latency_p50", "whole request")):
-            v = s[f"{key}_vs_llama"]
-            out.append(Verdict(f"four editors, rows batched: {what} p50 ÷ llama-server -np 4", v[0],
-                               T[f"{key.split('_')[0]}_vs_llama"], False, BATCHED, (v[1], v[2])))
-    if "1" in runs:
-        s = runs["1"]["summary"][editor_bench.MAIN]
-        for key, what in (("ttft_p50", "first token"), ("latency_p50", "whole request")):
-            v = s[f"{key}_vs_parallel_1"]
-            out.append(Verdict(f"one editor, rows batched: {what} p50 ÷ `--parallel 1`", v[0], T["vs_parallel_1"],
-                               False, BATCHED, (v[1], v[2])))
-    return out
+    """The targets the 315M run with rows batched scores (one editor and four; `file_verdicts`)."""
+    return file_verdicts(BATCHED) if (RESULTS / f"{BATCHED}.json").is_file() else []
 
 
 def batched_table() -> str:
@@ -432,7 +439,8 @@ def batched_table() -> str:
             lines.append(f"| {who}: {label} | {s['ttft_p50'][0] * 1000:,.0f} ms | {s['latency_p50'][0] * 1000:,.0f} ms | "
                          f"{t[0]:.2f}x ({t[1]:.2f}-{t[2]:.2f}) | {w[0]:.2f}x ({w[1]:.2f}-{w[2]:.2f}) |")
     return "\n".join(lines) + (f"\n\n{result['rounds']} rounds, {result['lines']} requests per editor, "
-                               f"{result['machine']['cpu']}, {result['threads']} threads ({link(BATCHED, 'results')}).")
+                               f"{result['machine']['cpu']}, {result['threads']} threads ({link(BATCHED, 'results')}). "
+                               + verdict_lines(batched_verdicts()))
 
 
 def prefill_text() -> str:
