@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -75,6 +76,16 @@ def note(text: str) -> None:
     from sc2quant.core.console import console
 
     console.print(one_line(text), highlight=False, markup=False, soft_wrap=True)
+
+
+def remove_entry(entry: Path) -> None:
+    """Remove cache entry `entry`, ours to remove (in a folder of entries checked private). An entry that is
+    a link, whatever it points to, loses the link only: the folder behind it may be anyone's."""
+    if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+        with contextlib.suppress(OSError):
+            entry.unlink()
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def one_line(text: str) -> str:

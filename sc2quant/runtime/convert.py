@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
-from sc2quant.runtime.cache import cache_root, entry_lock, note, shared, writable_cache_root
+from sc2quant.runtime.cache import cache_root, entry_lock, note, remove_entry, shared, writable_cache_root
 
 CONVERSION = {"weights": "int4", "dtype": "fp32", "lm_head": "float"}  # what GPTQ itself keeps
 KIND = "converted"  # the cache's folder of conversions (runtime/cache.py)
@@ -50,7 +50,7 @@ def _ready(out: Path, made_from: dict[str, str]) -> tuple[bool, bool]:
     if problem is None:
         return True, False
     note(f"the ONNX conversion in {out} {problem}: converting again")
-    shutil.rmtree(out, ignore_errors=True)
+    remove_entry(out)
     return False, True
 
 

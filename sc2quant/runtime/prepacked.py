@@ -44,7 +44,7 @@ from sc2quant.core import artifact
 from sc2quant.core.errors import UserError
 from sc2quant.core.files import known_sha256, sha256_file
 from sc2quant.core.system import env_switch
-from sc2quant.runtime.cache import note, shared
+from sc2quant.runtime.cache import note, remove_entry, shared
 
 KIND = "prepacked"  # the cache's folder of these entries
 GRAPH = "model.opt.onnx"
@@ -168,7 +168,7 @@ def _open(entry: Path, made_from: dict[str, str], options: Callable[[], Any],
         except Exception as exc:  # noqa: BLE001 - ORT's own exception types: a damaged entry is built again
             problem = f"cannot be loaded ({str(exc).strip()[-200:] or type(exc).__name__})"
     note(f"prepacked weights in {entry} {problem}: rebuilding")
-    shutil.rmtree(entry, ignore_errors=True)  # our own cache entry (its folders are checked private)
+    remove_entry(entry)  # our own cache entry (its folders are checked private); a link loses the link only
     return None, True
 
 
@@ -272,6 +272,6 @@ def _drop_older(entry: Path, source: Path) -> None:
         try:
             theirs = json.loads((other / MANIFEST).read_text())
             if other != entry and all(theirs.get(k) == mine[k] for k in ("source", "onnxruntime", "cpu")):
-                shutil.rmtree(other, ignore_errors=True)
+                remove_entry(other)  # a link loses the link only
         except (OSError, ValueError, AttributeError):
             continue

@@ -201,3 +201,25 @@ def test_a_cache_others_can_write_is_not_trusted(tiny_gptq_artifact, tmp_path, m
     [line] = _lines(capsys.readouterr().err)[:1]
     assert "other users can write" in line and str(private.parent) in line
     assert out.is_dir()  # left as it was
+
+
+def test_a_conversion_that_is_a_link_to_a_users_folder_is_replaced_and_the_folder_left_alone(
+        tiny_gptq_artifact, other_gptq_artifact, tmp_path, monkeypatch, capsys):
+    """A cache entry replaced by a link to a folder of the user's (holding another artifact's conversion and
+    a file of theirs): the link is the cache's, the folder is not. It is converted again, the folder kept."""
+    monkeypatch.setenv("SC2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SC2QUANT_PREPACKED", "0")
+    mine = _logits(tiny_gptq_artifact)
+    first, second = _converted(tiny_gptq_artifact), _converted(other_gptq_artifact)
+    users = tmp_path / "users-folder"
+    os.rename(second, users)
+    (users / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in users.iterdir())
+    import shutil
+
+    shutil.rmtree(first)
+    os.symlink(users, first)
+    capsys.readouterr()
+    assert _logits(tiny_gptq_artifact) == mine
+    assert sorted(p.name for p in users.iterdir()) == before and (users / "notes.txt").read_text() == "mine"
+    assert first.is_dir() and not first.is_symlink()

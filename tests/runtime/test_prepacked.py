@@ -358,3 +358,20 @@ def test_onnx_runtimes_source_locations_are_not_in_the_one_line():
            "onnxruntime::Graph::ToGraphProtoWithExternalInitializers(const std::filesystem::path&) const) Write failed:"
            " File too large\n")
     assert one_line(raw) == "[ONNXRuntimeError] : 1 : FAIL : Write failed: File too large"
+
+
+def test_an_entry_that_is_a_link_to_a_users_folder_is_replaced_and_the_folder_left_alone(artifact_copy,
+                                                                                        other_artifact, cache):
+    reference = _outputs(artifact_copy)
+    _outputs(other_artifact)
+    [entry] = [e for e in _entries(cache) if e.name.rsplit("-", 1)[0] == artifact_copy.name]
+    [other] = [e for e in _entries(cache) if e != entry]
+    users = cache.parent / "users-folder"
+    os.rename(other, users)
+    (users / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in users.iterdir())
+    shutil.rmtree(entry)
+    os.symlink(users, entry)
+    assert np.array_equal(_outputs(artifact_copy), reference)
+    assert sorted(p.name for p in users.iterdir()) == before and (users / "notes.txt").read_text() == "mine"
+    assert entry.is_dir() and not entry.is_symlink()
